@@ -1,0 +1,32 @@
+# `make test` builds .venv from the pinned requirements when it is missing, then runs the default suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-slow demo bench env clean
+
+$(STAMP): requirements/ci.txt requirements/nodeps.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/ci.txt
+	$(PY) -m pip install -q --no-deps -r requirements/nodeps.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+env: $(STAMP)
+
+test: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --timeout 600
+
+test-slow: $(STAMP)
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow --timeout 1800
+
+demo: $(STAMP)
+	$(PY) -m diffsolve.cli demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/solver_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
