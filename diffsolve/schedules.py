@@ -1,6 +1,7 @@
 """Noise schedules: descending sigmas (variance-exploding), ending at 0 unless asked otherwise."""
 import math
 
+import numpy as np
 import torch
 
 from ._checks import check_positive
@@ -56,10 +57,11 @@ def discrete_timesteps(num_train_timesteps, n, spacing="leading", steps_offset=0
         raise ValueError(f"n must be an integer in [1, {T}], got {n}")
     if spacing == "leading":
         t = torch.arange(n, dtype=torch.float64) * (T // n) + steps_offset
-    elif spacing == "trailing":
-        t = torch.arange(T, 0, -T / n, dtype=torch.float64).round() - 1
+    elif spacing == "trailing":  # numpy, not torch: their float aranges / linspaces differ in the last bit,
+        # which moves x.5 roundings (trailing n=48, linspace n=27 with T=1000); diffusers uses numpy's.
+        t = torch.from_numpy(np.round(np.arange(T, 0, -T / n)) - 1)
     elif spacing == "linspace":
-        t = torch.linspace(0, T - 1, n, dtype=torch.float64).round()
+        t = torch.from_numpy(np.linspace(0, T - 1, n).round())
     else:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     return t.flip(0).long() if spacing != "trailing" else t.long()
@@ -80,5 +82,5 @@ def sigmas_discrete(alphas_cumprod, n, spacing="leading", steps_offset=0, final_
     if timesteps.max() >= len(acp) or timesteps.min() < 0:
         raise ValueError(f"timesteps {timesteps.tolist()} fall outside [0, {len(acp) - 1}]")
     sigmas = sigmas_from_alphas_cumprod(acp[timesteps])
-    final = sigmas_from_alphas_cumprod(torch.as_tensor([float(final_alphas_cumprod)]))
+    final = sigmas_from_alphas_cumprod(torch.tensor([float(final_alphas_cumprod)], dtype=torch.float64))
     return torch.cat([sigmas, final]).to(dtype), timesteps
