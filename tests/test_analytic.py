@@ -296,3 +296,22 @@ def test_errors():
         GaussianMixture.isotropic(means, 0.0).log_prob(torch.zeros(1, 2), 0.0)
     with pytest.raises(ValueError, match=r"weights must have shape \[5\]"):
         EmpiricalDenoiser(torch.randn(5, 2), torch.ones(4))
+
+
+def test_empirical_denoiser_10k_by_10k_peak_memory_under_2gib():
+    """10^4 points x 10^4 queries in float32 stays within 2 GiB (measured in a fresh process)."""
+    import subprocess
+    import sys
+    code = (
+        "import resource, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from diffsolve.analytic import EmpiricalDenoiser\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "d = EmpiricalDenoiser(torch.randn(10_000, 2, generator=g))\n"
+        "out = d(torch.randn(10_000, 2, generator=g), 0.1)\n"
+        "assert torch.isfinite(out).all()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)\n")
+    grown_kib = int(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                   text=True).stdout.split()[-1])
+    assert grown_kib < 2 * 1024 ** 2, f"peak memory grew by {grown_kib / 1024:.0f} MiB"
