@@ -1,0 +1,194 @@
+"""The paper's 2D studies (§4.2, Tables 1-3, Figures 1-3): DDIM sampling and SDS / VSD / SDI / MSD
+optimisation of a grid of points, on the fractal (class-conditional; ideal, learned, CFG,
+autoguidance) and on pinwheel and spiral (ideal, learned). Readings of what the paper leaves open
+follow ../shared/design/toy-experiments.md and are listed in `StudyConfig` and docs/results.md.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import metrics
+from ..analytic import EmpiricalDenoiser
+from ..distill import MSD, SDI, SDS, VSD, DenoisingTrainer, ideal_variational, linear_decay
+from ..schedules import sigmas_karras
+from ..solvers import sample_ddim
+from ..transforms import autoguidance, cfg
+from .datasets import fractal_tree, kde_mixture, pinwheel_points, spiral_points
+
+COLUMNS = {"fractal": ("ideal", "learned", "cfg", "autoguidance"), "spiral": ("ideal", "learned"),
+           "pinwheel": ("ideal", "learned")}
+METHODS = ("ddim", "sds", "vsd", "sdi", "msd")
+
+
+@dataclass
+class StudyConfig:
+    grid: int = 64               # points per axis on [-1.5, 1.5]^2 (the paper: "densely"; 100 would be 10^4)
+    data_points: int = 10_000    # reference samples = ideal denoiser's training set (paper: 10^4)
+    n_mc: int = 4                # Monte Carlo estimates averaged per point and gradient (paper: 10^3)
+    steps: int = 150             # Adam steps, learned columns (paper)
+    lr: float = 0.08             # Adam learning rate (paper)
+    ideal_steps: int = 10        # plain gradient descent steps, ideal column (paper: "a few")
+    ideal_lr: float = 1.0        # (paper: "high"); lr 1 makes MSD the classical mean-shift iteration
+    chain_steps: int = 32        # sampler steps (DDIM baseline and MSD chain), rho-grid sigma 5 -> 0.002
+    sigma_min: float = 0.002
+    sigma_max: float = 5.0
+    lam0: float = 0.316          # MSD initial bandwidth, decayed linearly (paper)
+    cfg_scale: float = 4.0       # Karras g (diffusers convention) = paper w + 1
+    autoguidance_scale: float = 3.0
+    seed: int = 0
+
+
+def dataset_density(name, data_points=10_000):
+    """(analytic density for NLL, reference samples) of one data set."""
+    g = torch.Generator().manual_seed(1)
+    if name == "fractal":
+        density = fractal_tree("A")
+        data = density.sample(data_points, generator=g).float()
+    elif name in ("pinwheel", "spiral"):
+        points = (pinwheel_points if name == "pinwheel" else spiral_points)(10_000, seed=0)
+        density = kde_mixture(points, 0.02)
+        data = points[torch.randperm(len(points), generator=g)[:data_points]].float()
+    else:
+        raise ValueError(f"dataset must be one of {tuple(COLUMNS)}, got {name!r}")
+    return density, data
+
+
+def load_dataset(name, cache_dir=None, progress=True, iterations_scale=1.0, data_points=10_000):
+    """Density (for NLL), reference samples, and the trained models of one data set."""
+    from .train import toy_models
+    density, data = dataset_density(name, data_points)
+    models = toy_models(name, cache_dir=cache_dir, progress=progress, iterations_scale=iterations_scale)
+    return {"name": name, "density": density, "data": data, "models": models}
+
+
+def column_model(ds, column, cfg_):
+    """(denoiser, transforms, inversion transforms for SDI) of one table column."""
+    m = ds["models"]
+    if column == "ideal":
+        return EmpiricalDenoiser(ds["data"]), [], None
+    if column == "learned":
+        return m["main"], [], None
+    if column == "cfg":
+        w = cfg_.cfg_scale - 1
+        return (m["main"], [cfg(cfg_.cfg_scale, uncond_model=m["cfg_uncond"])],
+                [cfg(-w, uncond_model=m["cfg_uncond"], convention="paper")])
+    if column == "autoguidance":
+        w = cfg_.autoguidance_scale - 1
+        return (m["main"], [autoguidance(m["autoguide"], cfg_.autoguidance_scale)],
+                [autoguidance(m["autoguide"], -w + 1)])
+    raise ValueError(f"column must be one of {COLUMNS[ds['name']]}, got {column!r}")
+
+
+def grid_points(n, lim=1.5):
+    t = torch.linspace(-lim, lim, n)
+    gx, gy = torch.meshgrid(t, t, indexing="xy")
+    return torch.stack([gx.flatten(), gy.flatten()], 1)
+
+
+def make_distiller(method, model, transforms, inversion, column, cfg_, total_steps):
+    common = dict(sigma_min=cfg_.sigma_min, sigma_max=cfg_.sigma_max, transforms=transforms)
+    if method == "sds":
+        return SDS(model, **common)
+    if method == "sdi":
+        return SDI(model, total_steps=total_steps, inversion_transforms=inversion, **common)
+    if method == "vsd":
+        update = ideal_variational if column == "ideal" else DenoisingTrainer(model)  # phi: an unguided copy
+        return VSD(model, None, variational_update=update, **common)
+    if method == "msd":
+        return MSD(model, cfg_.lam0, steps=cfg_.chain_steps, n_samples=cfg_.n_mc, **common)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def mc_grad(distiller, x, n, generator):
+    """Average of n independent single-sample estimates per point (MSD averages inside, eq. 10)."""
+    if isinstance(distiller, MSD) or n == 1:
+        return distiller.grad(x, generator)
+    return distiller.grad(x.repeat_interleave(n, 0), generator).reshape(x.shape[0], n, -1).mean(1)
+
+
+def optimise(method, model, transforms, inversion, column, x0, cfg_, generator, progress=None):
+    """Run one distillation method from x0; returns (points, nfe per step, per-step log)."""
+    ideal = column == "ideal"
+    steps, lr = (cfg_.ideal_steps, cfg_.ideal_lr) if ideal else (cfg_.steps, cfg_.lr)
+    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, steps)
+    bandwidth = linear_decay(cfg_.lam0, steps)
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=lr) if ideal else torch.optim.Adam([x], lr=lr)
+    log = []
+    for k in range(steps):
+        if isinstance(distiller, VSD):
+            distiller.update(x.detach(), generator)
+        if isinstance(distiller, SDI):
+            distiller.update_step(k)
+        if isinstance(distiller, MSD):
+            distiller.bandwidth = bandwidth(k)
+        g = mc_grad(distiller, x.detach(), cfg_.n_mc, generator)
+        opt.zero_grad(set_to_none=True)
+        x.grad = g
+        opt.step()
+        log.append({"step": k, "grad_norm": g.norm(dim=1).mean().item(), "nfe": distiller.last_nfe})
+        if progress is not None:
+            progress.update(1)
+    return x.detach(), distiller.nfe / steps, log
+
+
+def ddim_samples(model, transforms, n, cfg_, generator):
+    sigmas = sigmas_karras(cfg_.chain_steps, cfg_.sigma_min, cfg_.sigma_max)
+    x0 = cfg_.sigma_max * torch.randn(n, 2, generator=generator)
+    x, info = sample_ddim(model, x0, sigmas, transforms=transforms, disable=True, return_info=True)
+    return x, info.nfe
+
+
+def evaluate(points, ds):
+    """NLL under the analytic density, precision / recall (k = 3) and MMD x 1e4 against the data."""
+    pr = metrics.precision_recall(ds["data"], points, k=3)
+    mmd = metrics.mmd_both(ds["data"], points, bandwidth=0.5)
+    finite = torch.isfinite(points).all(1)
+    return {"nll": metrics.nll(points[finite].double(), ds["density"].log_prob), "precision": pr["precision"],
+            "recall": pr["recall"], "mmd_biased_e4": mmd["biased"] * 1e4,
+            "mmd_unbiased_e4": None if mmd["unbiased"] is None else mmd["unbiased"] * 1e4,
+            "nonfinite_points": int((~finite).sum())}
+
+
+def config_dict(cfg_):
+    return asdict(cfg_)
+
+
+def landscape(method, model, transforms, inversion, column, cfg_, n=32, k=16, seed=0):
+    """Reconstructed loss landscape: the method's mean gradient field on an n x n grid (k estimates per
+    point, MSD at the initial bandwidth, SDI at mid-run), integrated by least squares (metrics)."""
+    g = torch.Generator().manual_seed(seed)
+    pts = grid_points(n)
+    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, 2)
+    if isinstance(distiller, VSD):
+        distiller.update(pts, g)
+    if isinstance(distiller, SDI):
+        distiller.update_step(1)
+    field = mc_grad(distiller, pts, k, g)
+    t = torch.linspace(-1.5, 1.5, n)
+    return metrics.integrate_gradient_field(field.reshape(n, n, 2).double(), t.double(), t.double())
+
+
+def efficiency_points(method, model, transforms, inversion, column, cfg_, oracle, points, k=64, seed=0):
+    """Table 3: k independent single estimates at each point; eq. 17 against the estimator's own mean
+    and against the oracle (the exact mean-shift gradient at lambda_0 of the true density)."""
+    g = torch.Generator().manual_seed(seed)
+    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, 2)
+    if isinstance(distiller, MSD):
+        distiller.n_samples = 1
+    if isinstance(distiller, VSD):
+        distiller.update(points, g)
+    if isinstance(distiller, SDI):
+        distiller.update_step(1)
+    draws = distiller.grad(points.repeat_interleave(k, 0), g).reshape(points.shape[0], k, -1).transpose(0, 1)
+    cost = distiller.last_nfe / k
+    own = metrics.estimator_efficiency(draws.double(), cost)
+    ref = metrics.estimator_efficiency(draws.double(), cost, reference=oracle.double())
+    keep = ("log_mean_efficiency", "mean_log_efficiency", "deterministic_points", "deterministic")
+    return {"cost": cost, "own_mean": {k_: own[k_] for k_ in keep}, "oracle": {k_: ref[k_] for k_ in keep}}
+
+
+def oracle_gradient(ds, points, cfg_):
+    """The exact mean-shift gradient x - D(x; lambda_0 / sqrt(2)) of the true density."""
+    return points.double() - ds["density"].denoise(points.double(), cfg_.lam0 / math.sqrt(2))
