@@ -59,8 +59,14 @@ def demo(out_dir="outputs/demo", n=2000, steps=32, seed=0):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["toy"]:  # the 2D studies have their own options (diffsolve toy --help)
+        from .toy.run import main as toy_main
+        toy_main(argv[1:])
+        return 0
     parser = argparse.ArgumentParser(prog="diffsolve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("toy", help="the paper's 2D studies (Tables 1-3, Figures 1-3); see diffsolve toy --help")
     p = sub.add_parser("demo", help="sample the fractal with the ideal denoiser and write a PNG")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--n", type=int, default=2000)
