@@ -259,6 +259,8 @@ class EmpiricalDenoiser:
         self._u = self.points - self._center
         self._half_sq = 0.5 * (self._u * self._u).sum(-1)
         self._half_sq_masked = torch.where(self._log_w.isfinite(), self._half_sq, math.inf)  # drop w_i = 0
+        self._u_aug = torch.cat([self._u, self._half_sq_masked[:, None]], 1)
+        self._weighted = weights is not None
         self.max_chunk_elements = int(max_chunk_elements)
 
     def _prep(self, x, sigma):
@@ -267,6 +269,13 @@ class EmpiricalDenoiser:
         return xr, _sigma_vec(sigma, xr.shape[0], u.dtype, u.device)
 
     def _denoise_rows(self, x: Tensor, s: Tensor) -> Tensor:
+        inv = 1.0 / (s * s)
+        if bool(((s > 0) & inv.isfinite()).all()):  # fast path: one matmul gives (z.u_i - |u_i|^2/2) / s^2
+            lhs = torch.cat([(x - self._center) * inv[:, None], -inv[:, None]], 1)
+            logits = lhs @ self._u_aug.T
+            if self._weighted:
+                logits = logits + self._log_w
+            return logits.softmax(-1) @ self._u + self._center
         base = (x - self._center) @ self._u.T - self._half_sq_masked
         top = base.max(-1, keepdim=True).values
         inv = 1.0 / (s * s)
