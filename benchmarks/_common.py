@@ -1,38 +1,19 @@
 """Small helpers shared by the benchmark scripts: atomic JSON output and a description of the machine."""
 import datetime
-import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
+
+from diffsolve._io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_json_atomic(path, data):
-    """Write `data` as JSON to `path` via a temporary file in the same folder and os.replace, so that a
-    reader never sees a half-written file and an interrupted run leaves the previous file intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600 files; give the result ordinary permissions
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write `data` as JSON atomically (diffsolve._io), so that a reader never sees a half-written file
+    and an interrupted run leaves the previous file intact."""
+    return write_json(path, data)
 
 
 def cpu_model():

@@ -1,21 +1,16 @@
 """Command line: `diffsolve demo` (and the studies' entry points as they are added)."""
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ._io import atomic_write
+
 
 def _save_figure(fig, path):
-    """Write a matplotlib figure atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    """Write a matplotlib figure atomically."""
+    atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
 
 
 def demo(out_dir="outputs/demo", n=2000, steps=32, seed=0):

@@ -6,7 +6,7 @@ Pure torch (numpy-free). Pairwise work is done in float64 blocks of at most ``ch
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import torch
 from torch import Tensor

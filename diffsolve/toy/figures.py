@@ -6,6 +6,7 @@ import matplotlib
 import numpy as np
 import torch
 
+from .._io import atomic_write
 from . import study
 
 matplotlib.use("Agg")
@@ -21,9 +22,7 @@ def _log_density(density, n=160):
 
 
 def _save(fig, path):
-    from .run import _atomic
-    path = Path(path)
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(path, lambda f: fig.savefig(f, dpi=90, format="png"))
     plt.close(fig)
     return path
 

@@ -1,8 +1,6 @@
 """Runner of the 2D studies: resumable, every result written atomically (benchmarks/toy2d.py, `diffsolve toy`)."""
 import argparse
 import json
-import os
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,35 +9,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._io import atomic_write, write_json
 from . import study
 
 PAPER_KEYS = {"ideal": 0, "learned": 1, "cfg": 2, "autoguidance": 3}
 QUICK = dict(grid=8, data_points=500, n_mc=1, steps=4, ideal_steps=2, chain_steps=8)
 
 
-def _atomic(path, write):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_json(path, data):
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+    write_json(path, data)
 
 
 def save_npy(path, array):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-    _atomic(path, write)
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def save_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def run(datasets, cfg, out_dir, cache_dir=None, iterations_scale=1.0, efficiency_k=64, progress=True,
@@ -161,7 +147,7 @@ def main(argv=None):
     save_json(Path(a.out) / "toy2d.json", results)
     if Path(a.paper).exists():
         md = markdown_tables(results, json.loads(Path(a.paper).read_text()))
-        _atomic(Path(a.out) / "toy2d.md", lambda tmp: Path(tmp).write_text(md))
+        save_text(Path(a.out) / "toy2d.md", md)
         print(md)
     try:
         from .figures import study_figures

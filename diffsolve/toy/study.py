@@ -25,7 +25,7 @@ METHODS = ("ddim", "sds", "vsd", "sdi", "msd")
 class StudyConfig:
     grid: int = 64               # points per axis on [-1.5, 1.5]^2 (the paper: "densely"; 100 would be 10^4)
     data_points: int = 10_000    # reference samples = ideal denoiser's training set (paper: 10^4)
-    n_mc: int = 4                # Monte Carlo estimates averaged per point and gradient (paper: 10^3)
+    n_mc: int = 2                # Monte Carlo estimates averaged per point and gradient (paper: 10^3)
     steps: int = 150             # Adam steps, learned columns (paper)
     lr: float = 0.08             # Adam learning rate (paper)
     ideal_steps: int = 10        # plain gradient descent steps, ideal column (paper: "a few")
@@ -36,6 +36,7 @@ class StudyConfig:
     lam0: float = 0.316          # MSD initial bandwidth, decayed linearly (paper)
     cfg_scale: float = 4.0       # Karras g (diffusers convention) = paper w + 1
     autoguidance_scale: float = 3.0
+    weighting: str = "sds"       # w(sigma) of SDS / VSD / SDI: DreamFusion's and threestudio's default 1 - abar
     seed: int = 0
 
 
@@ -88,13 +89,14 @@ def grid_points(n, lim=1.5):
 
 def make_distiller(method, model, transforms, inversion, column, cfg_, total_steps):
     common = dict(sigma_min=cfg_.sigma_min, sigma_max=cfg_.sigma_max, transforms=transforms)
+    noisy = dict(common, weighting=cfg_.weighting)
     if method == "sds":
-        return SDS(model, **common)
+        return SDS(model, **noisy)
     if method == "sdi":
-        return SDI(model, total_steps=total_steps, inversion_transforms=inversion, **common)
+        return SDI(model, total_steps=total_steps, inversion_transforms=inversion, **noisy)
     if method == "vsd":
         update = ideal_variational if column == "ideal" else DenoisingTrainer(model)  # phi: an unguided copy
-        return VSD(model, None, variational_update=update, **common)
+        return VSD(model, None, variational_update=update, **noisy)
     if method == "msd":
         return MSD(model, cfg_.lam0, steps=cfg_.chain_steps, n_samples=cfg_.n_mc, **common)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -108,7 +110,7 @@ def mc_grad(distiller, x, n, generator):
 
 
 def optimise(method, model, transforms, inversion, column, x0, cfg_, generator, progress=None):
-    """Run one distillation method from x0; returns (points, nfe per step, per-step log)."""
+    """Run one distillation method from x0; returns (points, model calls per point and step, per-step log)."""
     ideal = column == "ideal"
     steps, lr = (cfg_.ideal_steps, cfg_.ideal_lr) if ideal else (cfg_.steps, cfg_.lr)
     distiller = make_distiller(method, model, transforms, inversion, column, cfg_, steps)
@@ -127,10 +129,11 @@ def optimise(method, model, transforms, inversion, column, x0, cfg_, generator, 
         opt.zero_grad(set_to_none=True)
         x.grad = g
         opt.step()
-        log.append({"step": k, "grad_norm": g.norm(dim=1).mean().item(), "nfe": distiller.last_nfe})
+        log.append({"step": k, "grad_norm": g.norm(dim=1).mean().item()})
         if progress is not None:
             progress.update(1)
-    return x.detach(), distiller.nfe / steps, log
+    per_point = 1 if isinstance(distiller, MSD) else cfg_.n_mc  # grad saw n_mc rows per point
+    return x.detach(), distiller.nfe * per_point / steps, log
 
 
 def ddim_samples(model, transforms, n, cfg_, generator):
@@ -160,7 +163,7 @@ def landscape(method, model, transforms, inversion, column, cfg_, n=32, k=16, se
     point, MSD at the initial bandwidth, SDI at mid-run), integrated by least squares (metrics)."""
     g = torch.Generator().manual_seed(seed)
     pts = grid_points(n)
-    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, 2)
+    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, 3)  # SDI: step 1 of 3 = mid-run
     if isinstance(distiller, VSD):
         distiller.update(pts, g)
     if isinstance(distiller, SDI):
@@ -174,7 +177,7 @@ def efficiency_points(method, model, transforms, inversion, column, cfg_, oracle
     """Table 3: k independent single estimates at each point; eq. 17 against the estimator's own mean
     and against the oracle (the exact mean-shift gradient at lambda_0 of the true density)."""
     g = torch.Generator().manual_seed(seed)
-    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, 2)
+    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, 3)  # SDI: step 1 of 3 = mid-run
     if isinstance(distiller, MSD):
         distiller.n_samples = 1
     if isinstance(distiller, VSD):

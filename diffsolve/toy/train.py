@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._io import atomic_write
 from ..analytic import GaussianMixture
 from .model import ToyModel
 
@@ -172,22 +172,8 @@ def _cache_paths(cache_dir, name, config, digest):
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file next to ``path``, then os.replace; no partial file on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """torch.save through a temporary file and os.replace; no partial file on failure."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _build(config, generator: torch.Generator) -> ToyModel:
