@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo bench env clean
+.PHONY: test test-slow demo toy2d bench env clean
 
 $(STAMP): requirements/ci.txt requirements/nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m diffsolve.cli demo
+	$(PY) -m diffsolve.cli toy --quick --datasets fractal --out outputs/demo/toy2d --figures outputs/demo/figures --cache outputs/demo/cache
+	@echo "figures: outputs/demo/fractal_ideal.png and outputs/demo/figures/ (the full study: make toy2d)"
+
+toy2d: $(STAMP)
+	$(PY) benchmarks/toy2d.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/solver_overhead.py
