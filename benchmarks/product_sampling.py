@@ -19,17 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, write_json_atomic  # noqa: E402
 
 import diffsolve as ds  # noqa: E402
-from diffsolve.analytic import GaussianMixture  # noqa: E402
+from diffsolve.toy.datasets import three_component_mixture as mixture  # noqa: E402
 
 X = torch.tensor([0.2, 0.6], dtype=torch.float64)
-
-
-def mixture():
-    """The test suite's mixture (tests/test_product_density.py)."""
-    means = torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, 1.5]], dtype=torch.float64)
-    covs = torch.tensor([[[0.05, 0.02], [0.02, 0.03]], [[0.02, 0.0], [0.0, 0.1]],
-                         [[0.04, -0.01], [-0.01, 0.02]]], dtype=torch.float64)
-    return GaussianMixture(torch.tensor([0.3, 0.4, 0.3], dtype=torch.float64), means, covs)
 
 
 def relative_bias(y, exact):

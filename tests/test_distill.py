@@ -9,19 +9,13 @@ import diffsolve as ds
 from diffsolve.analytic import EmpiricalDenoiser, GaussianMixture
 from diffsolve.distill import (MSD, SDI, SDS, VSD, AdaptiveBandwidth, ideal_variational, linear_decay,
                                mean_shift_oracle, should_stop)
+from diffsolve.toy.datasets import three_component_mixture as three_components
 
 torch.set_num_threads(1)
 
 
 def two_blobs():
     return GaussianMixture.isotropic(torch.tensor([[-1.0, 0.0], [1.0, 0.5]], dtype=torch.float64), 0.2)
-
-
-def three_components():
-    means = torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, 1.5]], dtype=torch.float64)
-    covs = torch.tensor([[[0.05, 0.02], [0.02, 0.03]], [[0.02, 0.0], [0.0, 0.1]],
-                         [[0.04, -0.01], [-0.01, 0.02]]], dtype=torch.float64)
-    return GaussianMixture(torch.tensor([0.3, 0.4, 0.3], dtype=torch.float64), means, covs)
 
 
 def test_sds_mean_gradient_matches_quadrature_expectation():

@@ -9,18 +9,11 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.analytic import GaussianMixture
+from diffsolve.toy.datasets import three_component_mixture as mixture
 
 torch.set_num_threads(1)
 N = 20000
 X = torch.tensor([0.2, 0.6], dtype=torch.float64)
-
-
-def mixture():
-    means = torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, 1.5]], dtype=torch.float64)
-    covs = torch.tensor([[[0.05, 0.02], [0.02, 0.03]], [[0.02, 0.0], [0.0, 0.1]],
-                         [[0.04, -0.01], [-0.01, 0.02]]], dtype=torch.float64)
-    return GaussianMixture(torch.tensor([0.3, 0.4, 0.3], dtype=torch.float64), means, covs)
 
 
 def posterior_chain(gmm, lam, n, seed=0):

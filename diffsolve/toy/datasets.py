@@ -82,3 +82,12 @@ def kde_mixture(points, bandwidth=0.02, dtype=torch.float64):
     """An isotropic Gaussian KDE of `points` as a GaussianMixture (the analytic density of a point set)."""
     points = torch.as_tensor(points, dtype=dtype)
     return GaussianMixture.isotropic(points, bandwidth)
+
+
+def three_component_mixture(dtype=torch.float64):
+    """A small 2D mixture with full, correlated covariances: the reference of the product-density
+    tests and benchmarks (its product with the MSD kernel is closed-form)."""
+    means = torch.tensor([[-1.0, 0.0], [1.0, 0.5], [0.0, 1.5]], dtype=dtype)
+    covs = torch.tensor([[[0.05, 0.02], [0.02, 0.03]], [[0.02, 0.0], [0.0, 0.1]],
+                         [[0.04, -0.01], [-0.01, 0.02]]], dtype=dtype)
+    return GaussianMixture(torch.tensor([0.3, 0.4, 0.3], dtype=dtype), means, covs)
