@@ -79,3 +79,37 @@ def with_transforms(model, transforms):
         raise ValueError("k-diffusion samplers cannot apply exact-flow (split) transforms; use face='score' "
                          "or a diffsolve solver")
     return denoiser
+
+
+def compvis_denoiser(unet, scheduler, quantize=False):
+    """A diffusers UNet + scheduler as k-diffusion's own `external.CompVisDenoiser` (`CompVisVDenoiser` for
+    v-prediction), over a small CompVis-style object exposing `alphas_cumprod` and
+    `apply_model(x, t, cond) = unet(x, t, encoder_hidden_states=cond).sample` (the pattern of diffusers'
+    former k-diffusion pipeline). Call it as `model(x, sigma, cond=encoder_hidden_states)`.
+
+    The sigma table is built from `scheduler.alphas_cumprod` in float64 (as diffsolve's `VPDenoiser`);
+    timesteps reach the UNet in float32 unless x is float64 (as `UNetEps` through `VPDenoiser`).
+    """
+    import torch
+
+    _, external = load()
+    prediction_type = scheduler.config.prediction_type
+    wrappers = {"epsilon": external.CompVisDenoiser, "v_prediction": external.CompVisVDenoiser}
+    if prediction_type not in wrappers:
+        raise ValueError(f"k-diffusion's CompVis wrappers take epsilon or v_prediction models, got "
+                         f"prediction_type={prediction_type!r}")
+
+    class _CompVisUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+            self.register_buffer("alphas_cumprod",
+                                 torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clone(),
+                                 persistent=False)
+
+        def apply_model(self, x, t, cond):
+            t = t.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+            return self.unet(x, t, encoder_hidden_states=cond).sample
+
+    inner = _CompVisUNet()
+    return wrappers[prediction_type](inner, quantize=quantize, device=inner.alphas_cumprod.device)
