@@ -1,0 +1,163 @@
+"""threestudio-style guidance: diffsolve's distillers (MSD, SDS, VSD, SDI) behind threestudio's guidance
+contract, so a text-to-3D pipeline can swap `stable-diffusion-guidance` for MSD.
+
+This module never imports threestudio (see docs/threestudio.md for the registration wrapper a user adds to
+a threestudio fork). Contract honoured (threestudio HEAD, `BaseObject` guidance):
+  - `__call__(rgb [B,H,W,3] in [0,1], prompt_utils, elevation, azimuth, camera_distances,
+    rgb_as_latents=False, **kw)` -> {"loss_sds", "grad_norm", "min_step", "max_step"};
+  - `loss_sds = 0.5 * mse(latents, (latents - grad).detach(), "sum") / B`, so d loss_sds / d latents =
+    grad / B, and a config's `lambda_sds` scales it;
+  - `update_step(epoch, global_step, on_load_weights=False)` resolves the scheduled scalars.
+Coordinates: the VAE gives clean latents x0; diffsolve's VE clean state is x0 itself (sigma = 0), so the
+distiller works on the latents unscaled, with sigma in [sigma(min_step), sigma(max_step)] of the scheduler.
+CFG is threestudio's / the paper's convention c + w (c - u) (diffsolve `cfg(w, convention="paper")`).
+Randomness: call k (k = 0, 1, ...) since the last `update_step` draws from a CPU generator seeded with
+`seed + global_step + k * 1_000_003` (recorded in `last_seed`); the VAE posterior uses `last_seed + 1`.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from diffsolve.distill import MSD, SDI, SDS, VSD
+from diffsolve.transforms import cfg
+
+from .diffusers import SDComponents, SDDenoiser, vae_encode
+
+METHODS = ("msd", "sds", "vsd", "sdi")
+
+
+def C(value, global_step):
+    """threestudio's scheduled scalar: a number, or [start_step, start_value, end_value, end_step] (linear)."""
+    if isinstance(value, (int, float)):
+        return value
+    if len(value) != 4:
+        raise ValueError(f"a scheduled value is a number or [start_step, start, end, end_step], got {value!r}")
+    start_step, start, end, end_step = value
+    frac = min(max((global_step - start_step) / max(end_step - start_step, 1), 0.0), 1.0)
+    return start + (end - start) * frac
+
+
+def _split_components(components):
+    if isinstance(components, SDComponents):
+        return components.unet, components.vae, components.scheduler
+    parts = list(components)
+    sched = [p for p in parts if hasattr(p, "alphas_cumprod")]
+    vae = [p for p in parts if hasattr(p, "encode") and p not in sched]
+    unet = [p for p in parts if p not in sched and p not in vae]
+    if len(parts) != 3 or not (len(sched) == len(vae) == len(unet) == 1):
+        raise ValueError("components must be SDComponents or a (unet, vae, scheduler) tuple in any order")
+    return unet[0], vae[0], sched[0]
+
+
+class DistillationGuidance(torch.nn.Module):
+    """A diffsolve distiller as a threestudio guidance. `bandwidth_start` / `bandwidth_end` (MSD): lambda
+    decays log-linearly from start to end over `trainer_max_steps` (default the paper's 1e3 -> 1e-2, the
+    paper leaves the form unspecified). `grad_clip`, `min_step_percent`, `max_step_percent` accept
+    threestudio's [start_step, start, end, end_step] schedules. `distiller_kwargs` go to the distiller
+    (e.g. MSD `steps=`, `sampler=`; VSD `variational=`, `variational_update=`; SDI `n_inversion=`).
+    VSD without `variational=` uses the frozen text-conditioned model (zero-initialised LoRA at step 0)."""
+
+    def __init__(self, components, method="msd", guidance_scale=7.5, min_step_percent=0.02,
+                 max_step_percent=0.98, bandwidth_start=1e3, bandwidth_end=1e-2, trainer_max_steps=10000,
+                 grad_clip=None, weighting="sds", seed=0, view_dependent_prompting=True, **distiller_kwargs):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not (0 < bandwidth_end <= bandwidth_start):
+            raise ValueError(f"need 0 < bandwidth_end <= bandwidth_start, got {bandwidth_end}, {bandwidth_start}")
+        self.unet, self.vae, self.scheduler = _split_components(components)
+        for p in list(self.unet.parameters()) + list(self.vae.parameters()):
+            p.requires_grad_(False)
+        self.method, self.guidance_scale, self.seed = method, guidance_scale, int(seed)
+        self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
+        self.bandwidth_start, self.bandwidth_end = float(bandwidth_start), float(bandwidth_end)
+        self.trainer_max_steps, self.grad_clip = int(trainer_max_steps), grad_clip
+        self.view_dependent_prompting = view_dependent_prompting
+        self.denoiser = SDDenoiser(unet=self.unet, scheduler=self.scheduler)
+        self.num_train_timesteps = len(self.scheduler.alphas_cumprod)
+        self.global_step, self._calls, self.last_seed, self._cond = 0, 0, None, None
+        self._set_steps(0)
+        smin, smax = self.sigma_of(self.min_step), self.sigma_of(self.max_step)
+        noisy = dict(sigma_min=smin, sigma_max=smax, weighting=weighting)
+        if method == "msd":
+            self.distiller = MSD(self.denoiser, self.bandwidth(0), **{"sigma_min": smin, "sigma_max": smax,
+                                                                       **distiller_kwargs})
+        elif method == "sds":
+            self.distiller = SDS(self.denoiser, **{**noisy, **distiller_kwargs})
+        elif method == "sdi":
+            self.distiller = SDI(self.denoiser, **{"total_steps": self.trainer_max_steps, "t_range": (0.0, 1.0),
+                                                   **noisy, **distiller_kwargs})
+        else:
+            kw = dict(distiller_kwargs)
+            variational = kw.pop("variational", None) or (
+                lambda z, sigma: self.denoiser(z, sigma, encoder_hidden_states=self._cond))
+            self.distiller = VSD(self.denoiser, variational, **{**noisy, **kw})
+
+    def sigma_of(self, t):
+        """VE sigma of training timestep t: sqrt((1 - abar_t) / abar_t)."""
+        abar = float(self.scheduler.alphas_cumprod[int(t)])
+        return math.sqrt((1 - abar) / abar)
+
+    def bandwidth(self, global_step):
+        """MSD's lambda at a step: log-linear from bandwidth_start to bandwidth_end over trainer_max_steps."""
+        frac = min(max(global_step / max(self.trainer_max_steps, 1), 0.0), 1.0)
+        lo, hi = math.log(self.bandwidth_end), math.log(self.bandwidth_start)
+        return math.exp(hi + frac * (lo - hi))
+
+    def _set_steps(self, global_step):
+        T = self.num_train_timesteps
+        self.min_step = int(T * C(self.min_step_percent, global_step))
+        self.max_step = int(T * C(self.max_step_percent, global_step))
+        if not 0 < self.min_step < self.max_step < T:
+            raise ValueError(f"need 0 < min_step < max_step < {T}, got {self.min_step}, {self.max_step}")
+
+    def update_step(self, epoch, global_step, on_load_weights=False):
+        self.global_step, self._calls = int(global_step), 0
+        self._set_steps(global_step)
+        d = self.distiller
+        if self.method == "msd":
+            d.bandwidth = self.bandwidth(global_step)
+        else:  # MSD's sigma_max is its chain start and stays put; the noisy distillers follow the t range
+            d.sigma_min, d.sigma_max = self.sigma_of(self.min_step), self.sigma_of(self.max_step)
+        if self.method == "sdi":
+            d.update_step(global_step)
+
+    def _embeddings(self, prompt_utils, elevation, azimuth, camera_distances, batch):
+        if hasattr(prompt_utils, "get_text_embeddings"):
+            emb = prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances, self.view_dependent_prompting)
+            cond, uncond = emb.chunk(2)  # threestudio's order: cond first, then uncond
+        else:
+            cond, uncond = prompt_utils.cond, prompt_utils.uncond
+        return [e.expand(batch, *e.shape[1:]) if e.shape[0] == 1 else e for e in (cond, uncond)]
+
+    def _generator(self):
+        self.last_seed = self.seed + self.global_step + self._calls * 1_000_003
+        self._calls += 1
+        return torch.Generator().manual_seed(self.last_seed)
+
+    def __call__(self, rgb, prompt_utils, elevation=None, azimuth=None, camera_distances=None,
+                 rgb_as_latents=False, guidance_eval=False, **kw):
+        B = rgb.shape[0]
+        generator = self._generator()
+        if rgb_as_latents:
+            latents = rgb.permute(0, 3, 1, 2)
+        else:
+            vae_gen = torch.Generator().manual_seed(self.last_seed + 1)
+            latents = vae_encode(self.vae, rgb.permute(0, 3, 1, 2), generator=vae_gen)
+        cond, uncond = self._embeddings(prompt_utils, elevation, azimuth, camera_distances, B)
+        dtype = self.unet.dtype
+        self._cond = cond.to(dtype)
+        d = self.distiller
+        d.extra_args = {"encoder_hidden_states": self._cond}
+        uncond = {"encoder_hidden_states": uncond.to(dtype)}
+        d.transforms = [cfg(self.guidance_scale, uncond=uncond, convention="paper")]
+        grad = torch.nan_to_num(d.grad(latents.detach().float(), generator)).to(latents.dtype)
+        if self.grad_clip is not None:
+            clip = C(self.grad_clip, self.global_step)
+            grad = grad.clamp(-clip, clip)
+        if self.method == "vsd" and d.variational_update is not None:
+            d.update(latents.detach().float(), generator)
+        target = (latents - grad).detach()
+        loss_sds = 0.5 * F.mse_loss(latents, target, reduction="sum") / B
+        return {"loss_sds": loss_sds, "grad_norm": grad.norm(), "min_step": self.min_step, "max_step": self.max_step}
