@@ -1,0 +1,108 @@
+"""Text-to-2D (integrations/text2image.py) on diffusers' tiny random components, offline: every distiller
+runs 3 steps at 32x32 and writes its outputs, a resumed run equals an uninterrupted one, bad input fails
+before any work, and `--dry-run --tiny` reports NFE per step."""
+import json
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+import torch  # noqa: E402
+
+from diffsolve.integrations import text2image as t2i  # noqa: E402
+from diffsolve.integrations.text2image import (PAPER_PROMPTS, T2IConfig, main, run_text2image,  # noqa: E402
+                                               tiny_components, tiny_prompt_embeds)
+
+SMALL = dict(steps=3, resolution=32, fourier_features=16, mlp_width=16, mlp_depth=2, msd_steps=4,
+             strip_every=1, checkpoint_every=1)
+
+
+@pytest.fixture(scope="module")
+def components():
+    return tiny_components()
+
+
+def test_paper_prompts():
+    assert len(PAPER_PROMPTS) == 10 and len(set(PAPER_PROMPTS)) == 10
+
+
+@pytest.mark.parametrize("method", ["sds", "vsd", "sdi", "msd"])
+def test_every_distiller_runs_3_steps(components, tmp_path, method):
+    cfg = T2IConfig(method=method, **SMALL)
+    model = run_text2image(components, tiny_prompt_embeds(components, 0), cfg, tmp_path, progress=False)
+    for name in ("image.png", "strip.png", "log.json", "config.json", "checkpoint.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert len(list((tmp_path / "strip").glob("*.png"))) == 3
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() for r in log)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["method"] == method and saved["guidance_scale"] == 7.5 and saved["lr"] == 1e-2
+    from PIL import Image
+    assert Image.open(tmp_path / "image.png").size == (32, 32)
+    assert model.render(32, 32).shape == (1, 32, 32, 3)
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["msd", "sds"])
+def test_resume_equals_uninterrupted(components, tmp_path, method):
+    cfg = T2IConfig(method=method, **{**SMALL, "checkpoint_every": 1})
+    embeds = tiny_prompt_embeds(components, 0)
+    full = _weights(run_text2image(components, embeds, cfg, tmp_path / "full", progress=False))
+    run_text2image(components, embeds, cfg, tmp_path / "resumed", progress=False, stop_after=2)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert not (tmp_path / "resumed" / "image.png").exists()
+    resumed = _weights(run_text2image(components, embeds, cfg, tmp_path / "resumed", progress=False))
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    log = json.loads((tmp_path / "resumed" / "log.json").read_text())
+    assert log == json.loads((tmp_path / "full" / "log.json").read_text())
+
+
+def test_resume_refuses_a_different_config(components, tmp_path):
+    embeds = tiny_prompt_embeds(components, 0)
+    run_text2image(components, embeds, T2IConfig(method="sds", **SMALL), tmp_path, progress=False, stop_after=1)
+    with pytest.raises(ValueError, match="different config"):
+        run_text2image(components, embeds, T2IConfig(method="sds", **{**SMALL, "lr": 0.1}), tmp_path,
+                       progress=False)
+
+
+def test_bad_input_fails_before_work(components, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(t2i, "DistillationGuidance", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match="downsampling factor 2"):
+        run_text2image(components, tiny_prompt_embeds(components, 0), T2IConfig(**{**SMALL, "resolution": 33}),
+                       tmp_path / "a", progress=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="downsampling factor 2"):
+        main(["--tiny", "--resolution", "31", "--out", str(tmp_path / "b")])
+    with pytest.raises(ValueError, match="non-empty"):
+        main(["--tiny", "--prompts", "--out", str(tmp_path / "c")])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["--model", str(tmp_path / "no_such_model"), "--out", str(tmp_path / "d")])
+    with pytest.raises(ValueError, match="method"):
+        run_text2image(components, tiny_prompt_embeds(components, 0), T2IConfig(method="xyz"), tmp_path / "e")
+    assert calls == [] and not any((tmp_path / n).exists() for n in "bcde")
+
+
+def test_dry_run_tiny_writes_nfe(tmp_path, capsys):
+    out = tmp_path / "nfe.json"
+    main(["--dry-run", "--tiny", "--msd-steps", "4", "--nfe-out", str(out)])
+    data = json.loads(out.read_text())
+    nfe = {r["method"]: r["nfe_per_step"] for r in data["methods"]}
+    assert sorted(nfe) == ["msd", "sdi", "sds", "vsd"]
+    assert nfe["sds"] == 2.0  # one CFG pair
+    assert nfe["msd"] > nfe["sds"]
+    assert "UNet evals" in capsys.readouterr().out
+
+
+def test_main_tiny_end_to_end(tmp_path, capsys):
+    main(["--tiny", "--prompts", "a cat", "--methods", "sds", "--steps", "2", "--out", str(tmp_path)])
+    run = tmp_path / "sds" / "00_a_cat" / "seed0"
+    assert (run / "image.png").is_file() and (run / "prompt.txt").read_text() == "a cat\n"
+    out = capsys.readouterr().out
+    assert "FID skipped" in out and "CLIP similarity skipped" in out
