@@ -67,13 +67,9 @@ def mlp_case(batch):
 
 
 def unet_case():
-    from diffusers import UNet2DConditionModel
+    from diffsolve.integrations.diffusers import tiny_unet
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, time_cond_proj_dim=None, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, norm_num_groups=2).eval()
+    unet = tiny_unet()
 
     def eps(z, t, encoder_hidden_states):
         return unet(z, t, encoder_hidden_states=encoder_hidden_states).sample

@@ -309,3 +309,39 @@ def kernel_flow_callback(center_latents, bandwidth, sigma_lo=0.0, sigma_hi=math.
         new = c + (latents.to(torch.float64) - c) * factor
         return {"latents": new.to(latents.dtype)}
     return callback
+
+
+# Tiny random components with diffusers' own test shapes, for offline smoke runs and tests.
+def tiny_sd_scheduler(**overrides):
+    """Stable Diffusion's DDIM scheduler config (scaled_linear betas, clip_sample=False,
+    set_alpha_to_one=False, steps_offset=1), with `overrides` (e.g. prediction_type, timestep_spacing)."""
+    from diffusers import DDIMScheduler
+
+    config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(**{**config, **overrides})
+
+
+def tiny_unet():
+    """diffusers' tiny random UNet2DConditionModel (1.4 M parameters), `torch.manual_seed(0)`, eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, time_cond_proj_dim=None, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, norm_num_groups=2).eval()
+
+
+def tiny_sd_components(prediction_type="epsilon", **scheduler_kw):
+    """SDComponents(unet, vae, scheduler) with the shapes of diffusers' own Stable Diffusion tests, built
+    offline in float32, `torch.manual_seed(0)` before each model; `scheduler_kw` overrides the config."""
+    from diffusers import AutoencoderKL
+
+    unet = tiny_unet()
+    scheduler = tiny_sd_scheduler(prediction_type=prediction_type, **scheduler_kw)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2).eval()
+    return SDComponents(unet, vae, scheduler)

@@ -23,7 +23,7 @@ import torch
 
 from diffsolve._io import atomic_write, write_json
 
-from .diffusers import SDComponents, encode_prompt, load_stable_diffusion
+from .diffusers import encode_prompt, load_stable_diffusion, tiny_sd_components
 from .threestudio import METHODS, DistillationGuidance
 
 PAPER_PROMPTS = (  # appendix D, "List of prompts"
@@ -107,21 +107,8 @@ class _PromptUtils:
 
 
 def tiny_components():
-    """diffusers' tiny random SD components (the shapes of tests/conftest.py, `torch.manual_seed(0)`)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=32, time_cond_proj_dim=None, in_channels=4,
-        out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=8, norm_num_groups=2)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=[4, 8], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=2)
-    return SDComponents(unet.eval(), vae.eval(), scheduler)
+    """diffusers' tiny random SD components (integrations.diffusers.tiny_sd_components)."""
+    return tiny_sd_components()
 
 
 def tiny_prompt_embeds(components, index, length=8):
