@@ -37,6 +37,13 @@ class _Counted:
         return counted
 
 
+def counted_denoiser(model, transforms, batch, info):
+    """`model` with `transforms` composed on it, every model evaluation (extra models of guidance
+    included) counted into `info.nfe` in units of `batch` rows; returns (denoiser, flow transforms)."""
+    count = _Counted(info, batch)
+    return compose(count(model), transforms, count)
+
+
 def _setup(model, x, sigmas, extra_args, transforms):
     """Validate inputs; build the counted, transformed denoiser; return plain-float sigmas."""
     sigmas = check_sigmas(sigmas)
@@ -50,8 +57,7 @@ def _setup(model, x, sigmas, extra_args, transforms):
         if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"extra_args[{key!r}] has batch {value.shape[0]} but x has batch {x.shape[0]}")
     info = SampleInfo()
-    count = _Counted(info, x.shape[0])
-    denoiser, flows = compose(count(model), transforms, count)
+    denoiser, flows = counted_denoiser(model, transforms, x.shape[0], info)
     return denoiser, flows, [float(s) for s in sigmas], extra_args, info
 
 

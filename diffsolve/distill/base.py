@@ -10,8 +10,7 @@ import math
 import torch
 
 from ..denoisers import append_dims
-from ..solvers import SampleInfo, _Counted
-from ..transforms import compose
+from ..solvers import SampleInfo, counted_denoiser
 
 SIGMA_SAMPLINGS = ("karras", "log_uniform")
 WEIGHTINGS = ("uniform", "sds")
@@ -28,10 +27,8 @@ class Distiller:
 
     def denoiser(self, batch, info, transforms=None, model=None):
         """The model with the transforms applied, its evaluations counted in `info` per `batch` rows."""
-        count = _Counted(info, batch)
-        den, _ = compose(count(self.model if model is None else model),
-                         self.transforms if transforms is None else transforms, count)
-        return den
+        return counted_denoiser(self.model if model is None else model,
+                                self.transforms if transforms is None else transforms, batch, info)[0]
 
     def extra(self, repeats=1):
         """Condition arguments repeated for `repeats` copies of each row (batch dims only)."""
@@ -63,6 +60,19 @@ class Distiller:
 
     def _grad(self, x, generator, info, **kw):
         raise NotImplementedError
+
+
+def euler_inversion(den, x, levels, extra_args):
+    """Deterministic DDIM (Euler) inversion: carry x, taken as the sample at levels[0], up the ascending
+    `levels` (floats or per-row [B] tensors) with z <- z + (s1 - s0) (z - D(z; s0)) / s0. Returns the
+    list of z at every level (the first is x itself)."""
+    trajectory = [x]
+    for s0, s1 in zip(levels[:-1], levels[1:]):
+        z = trajectory[-1]
+        s0_rows = s0 if isinstance(s0, torch.Tensor) else s0 * z.new_ones(z.shape[0])
+        d = den(z, s0_rows, **extra_args).to(z.dtype)
+        trajectory.append(z + append_dims((s1 - s0) / s0, z.ndim) * (z - d))
+    return trajectory
 
 
 def sigma_from_uniform(u, sigma_min, sigma_max, sampling="karras", rho=7.0):

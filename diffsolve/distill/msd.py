@@ -17,7 +17,7 @@ from ..schedules import sigmas_karras
 from ..denoisers import append_dims
 from ..solvers import SampleInfo, sample_ddim, sample_heun
 from ..transforms import GaussianKernel, LimitedInterval
-from .base import Distiller
+from .base import Distiller, euler_inversion
 
 SAMPLERS = ("kernel", "posterior", "one_call")
 CENTERS = ("iterate", "noised", "inverted")
@@ -121,13 +121,9 @@ class MSD(Distiller):
         """Deterministic DDIM (Euler) inversion of x up the grid; centre(sigma) looks the level up."""
         den = self.denoiser(xs.shape[0] // self.n_samples, info)
         sig = [float(v) for v in sigmas]
-        trajectory = {sig[-1]: xs}
-        z = xs
-        for lo, hi in zip(sig[-2::-1][:-1], sig[-3::-1]):
-            d = den(z, lo * z.new_ones(z.shape[0]), **self.extra(self.n_samples)).to(z.dtype)
-            z = z + (hi - lo) * (z - d) / lo
-            trajectory[hi] = z
-        trajectory[sig[-2]] = xs
+        up = sig[-2::-1]  # ascending from the smallest positive sigma
+        trajectory = dict(zip(up, euler_inversion(den, xs, up, self.extra(self.n_samples))))
+        trajectory[sig[-1]] = xs
 
         def center(sigma):  # the solver evaluates every row at one sigma; Strang's midpoints take the nearest level
             level = float(torch.as_tensor(sigma).flatten()[0])

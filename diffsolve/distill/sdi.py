@@ -7,7 +7,7 @@ low noise over the optimisation. grad = w(sigma_t) (eps_hat(x + sigma_t kappa; s
 import torch
 
 from ..denoisers import append_dims
-from .base import NoisyDistiller, sigma_from_uniform
+from .base import NoisyDistiller, euler_inversion, sigma_from_uniform
 
 
 class SDI(NoisyDistiller):
@@ -43,15 +43,9 @@ class SDI(NoisyDistiller):
         """Euler (deterministic DDIM) inversion from x at sigma_min up to sigma_target (per row), on the rho-grid."""
         den = self.denoiser(x.shape[0], info, transforms=self.inversion_transforms)
         u_end = self._u_of(sigma_target)
-        z = x
-        for j in range(self.n_inversion):
-            u0 = 1 + (u_end - 1) * j / self.n_inversion
-            u1 = 1 + (u_end - 1) * (j + 1) / self.n_inversion
-            s0 = sigma_from_uniform(u0, self.sigma_min, self.sigma_max, self.sigma_sampling, self.rho).to(x.dtype)
-            s1 = sigma_from_uniform(u1, self.sigma_min, self.sigma_max, self.sigma_sampling, self.rho).to(x.dtype)
-            d = den(z, s0, **self.extra_args).to(x.dtype)
-            z = z + append_dims((s1 - s0) / s0, x.ndim) * (z - d)
-        return z
+        levels = [sigma_from_uniform(1 + (u_end - 1) * j / self.n_inversion, self.sigma_min, self.sigma_max,
+                                     self.sigma_sampling, self.rho).to(x.dtype) for j in range(self.n_inversion + 1)]
+        return euler_inversion(den, x, levels, self.extra_args)[-1]
 
     def _u_of(self, sigma):
         """Inverse of sigma_from_uniform on the configured grid."""
