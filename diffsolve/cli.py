@@ -59,6 +59,10 @@ def main(argv=None):
         from .toy.run import main as toy_main
         toy_main(argv[1:])
         return 0
+    if argv[:1] == ["digits"]:  # the 64-dimensional digits testbed (diffsolve digits --help)
+        from .digits.run import main as digits_main
+        digits_main(argv[1:])
+        return 0
     if argv[:1] == ["t2i"]:  # text-to-2D through Stable Diffusion (diffsolve t2i --help)
         from .integrations.text2image import main as t2i_main
         t2i_main(argv[1:])
@@ -66,6 +70,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="diffsolve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("toy", help="the paper's 2D studies (Tables 1-3, Figures 1-3); see diffsolve toy --help")
+    sub.add_parser("digits", help="class-conditional diffusion on scikit-learn's digits; see diffsolve digits --help")
     sub.add_parser("t2i", help="text-to-2D with SDS/VSD/SDI/MSD through Stable Diffusion; see diffsolve t2i --help")
     p = sub.add_parser("demo", help="sample the fractal with the ideal denoiser and write a PNG")
     p.add_argument("--out", default="outputs/demo")
