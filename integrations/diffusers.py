@@ -34,19 +34,50 @@ class UNetEps(torch.nn.Module):
     `t` may be a number, a 0-d tensor or a [B] float tensor (fractional timesteps are passed through);
     keyword arguments (`encoder_hidden_states`, `added_cond_kwargs`, `timestep_cond`, ...) go to the UNet.
     The output is whatever the UNet predicts (epsilon, v or the sample, per the scheduler's config).
+    `cast=True` casts z and `encoder_hidden_states` to the UNet's dtype first (mixed precision: a float32
+    state over a float16 UNet); the output then comes back in the UNet's dtype.
     """
 
-    def __init__(self, unet):
+    def __init__(self, unet, cast=False):
         super().__init__()
-        self.unet = unet
+        self.unet, self.cast = unet, cast
 
     def forward(self, z, t, encoder_hidden_states=None, **kw):
+        if self.cast:
+            dtype = unet_dtype_device(self.unet)[0]
+            z = z.to(dtype)
+            if isinstance(encoder_hidden_states, torch.Tensor):
+                encoder_hidden_states = encoder_hidden_states.to(dtype)
         return self.unet(z, t, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kw)[0]
 
 
-def denoiser_from_unet(unet, scheduler, quantize=False):
+def denoiser_from_unet(unet, scheduler, quantize=False, cast=False):
     """A VE denoiser D(x, sigma, encoder_hidden_states=...) from a diffusers UNet and its scheduler."""
-    return VPDenoiser(UNetEps(unet), scheduler.alphas_cumprod, scheduler.config.prediction_type, quantize=quantize)
+    return VPDenoiser(UNetEps(unet, cast=cast), scheduler.alphas_cumprod, scheduler.config.prediction_type,
+                      quantize=quantize)
+
+
+def unet_dtype_device(unet):
+    """(dtype, device) of the UNet's first floating-point parameter."""
+    for p in unet.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    raise ValueError("the UNet has no floating-point parameters")
+
+
+def check_on_unet(tensor, name, unet, dtype=True):
+    """Raise a ValueError naming both sides unless `tensor` is a floating-point tensor on the UNet's device
+    (and, with `dtype=True`, of the UNet's dtype). Called before any model evaluation."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a floating-point tensor, got {got}")
+    unet_dtype, unet_device = unet_dtype_device(unet)
+    if tensor.device != unet_device:
+        raise ValueError(f"{name} is on device {tensor.device} but the UNet is on device {unet_device}; "
+                         f"move it with .to({str(unet_device)!r})")
+    if dtype and tensor.dtype != unet_dtype:
+        raise ValueError(f"{name} has dtype {tensor.dtype} but the UNet has dtype {unet_dtype}; cast it with "
+                         f".to({unet_dtype}) (or build SDDenoiser(..., cast=True) for mixed precision)")
 
 
 def _config(scheduler, key, default):
@@ -228,21 +259,31 @@ class SDDenoiser(torch.nn.Module):
     scheduler's config. `prompt_embeds`, when given, is the default `encoder_hidden_states` (broadcast over
     the batch when it has batch 1). CFG is diffsolve's transform, e.g.
     `transforms=[cfg(7.5, uncond={"encoder_hidden_states": neg})]`.
+    x and the embeddings must sit on the UNet's device and, unless `cast=True`, have the UNet's dtype: a
+    mismatch is a ValueError naming both before the UNet runs. With `cast=True` (mixed precision) they may
+    have any floating dtype; each UNet call sees them in the UNet's dtype and D comes back in x's dtype.
     """
 
-    def __init__(self, components=None, *, unet=None, scheduler=None, prompt_embeds=None, quantize=False):
+    def __init__(self, components=None, *, unet=None, scheduler=None, prompt_embeds=None, quantize=False,
+                 cast=False):
         super().__init__()
         if components is not None:
             unet, scheduler = components.unet, components.scheduler
         if unet is None or scheduler is None:
             raise ValueError("give SDComponents, or both unet= and scheduler=")
-        self.denoiser = denoiser_from_unet(unet, scheduler, quantize=quantize)
-        self.prompt_embeds = prompt_embeds
+        self.denoiser = denoiser_from_unet(unet, scheduler, quantize=quantize, cast=cast)
+        self.prompt_embeds, self.cast = prompt_embeds, cast
+
+    @property
+    def unet(self):
+        return self.denoiser.inner_model.unet
 
     def forward(self, x, sigma, encoder_hidden_states=None, **cond):
         emb = self.prompt_embeds if encoder_hidden_states is None else encoder_hidden_states
         if emb is None:
             raise ValueError("no text conditioning: pass encoder_hidden_states= or build with prompt_embeds=")
+        check_on_unet(x, "x (latents)", self.unet, dtype=not self.cast)
+        check_on_unet(emb, "encoder_hidden_states (prompt embeddings)", self.unet, dtype=not self.cast)
         if emb.shape[0] == 1 and x.shape[0] > 1:
             emb = emb.expand(x.shape[0], *emb.shape[1:])
         return self.denoiser(x, sigma, encoder_hidden_states=emb, **cond)

@@ -3,19 +3,25 @@ of a 2D point -> MLP -> sigmoid RGB), rendered, VAE-encoded and optimised with a
 MSD) through `DistillationGuidance`.
 
     python benchmarks/text2image.py --model /path/to/sd-folder --methods msd sds --seeds 0 1
+    accelerate launch --num_processes 4 benchmarks/text2image.py --model ... --inception ... --clip ...
     python benchmarks/text2image.py --dry-run --tiny     # NFE per optimisation step, offline
 
-Each run writes, in its own folder: config.json (the `T2IConfig`), log.json (loss / grad_norm per step),
-strip/ (intermediate images) and strip.png, image.png (final), checkpoint.pt (model + optimizer + step +
-log, written atomically every `checkpoint_every` steps; a run resumes from it). FID / CLIP are not
-implemented here: they are reported as skipped (with `--inception` / `--clip` the paths are only checked).
+Each run writes, in its own folder `<out>/<method>/<prompt index>_<slug>/seed<seed>/`: config.json (the
+`T2IConfig`), log.json (loss / grad_norm per step), strip/ (intermediate images) and strip.png, image.png
+(final), checkpoint.pt (model + optimizer + step + log, written atomically every `checkpoint_every` steps; a
+run resumes from it), prompt.txt and record.json. The prompt x method x seed jobs (plus, with `--inception`,
+a DDIM reference sample per prompt and seed under `<out>/ddim/`) are shared out over the processes of an
+`accelerate launch` / `torchrun` (integrations.scaleout); the main process then merges every job's record
+and the metrics into `<out>/results.json`: FID of each method against the DDIM samples (`--inception`) and
+CLIP similarity (`--clip`), each recorded as skipped, with a message, when its weights are not given
+(integrations.evaluate).
 """
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -23,7 +29,9 @@ import torch
 
 from diffsolve._io import atomic_write, write_json
 
-from .diffusers import encode_prompt, load_stable_diffusion, tiny_sd_components
+from . import evaluate, scaleout
+from .diffusers import (check_on_unet, encode_prompt, load_stable_diffusion, sigmas_from_scheduler,
+                       tiny_sd_components)
 from .threestudio import METHODS, DistillationGuidance
 
 PAPER_PROMPTS = (  # appendix D, "List of prompts"
@@ -174,11 +182,14 @@ def _save_checkpoint(path, model, opt, step, log):
 
 def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_after=None):
     """Optimise a `CoordinateImage` for one prompt with `cfg.method`; returns the model. `prompt_embeds` is
-    (cond, uncond). Resumes from `out_dir/checkpoint.pt` when present (its config must match `cfg` except
-    `steps`). `stop_after` ends the run early after that many total steps (simulates an interruption)."""
+    (cond, uncond), on the UNet's device with its dtype (a ValueError naming both otherwise). Resumes from
+    `out_dir/checkpoint.pt` when present (its config must match `cfg` except `steps`). `stop_after` ends the
+    run early after that many total steps (simulates an interruption)."""
     cfg.validate()
     check_resolution(components, cfg.resolution)
     cond, uncond = prompt_embeds
+    for name, emb in (("prompt embeddings (cond)", cond), ("prompt embeddings (uncond)", uncond)):
+        check_on_unet(emb, name, components.unet)
     out_dir = Path(out_dir)
     ckpt_path, cfg_path = out_dir / "checkpoint.pt", out_dir / "config.json"
     if ckpt_path.exists() and cfg_path.exists():
@@ -196,7 +207,7 @@ def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     guidance = DistillationGuidance(components, method=cfg.method, guidance_scale=cfg.guidance_scale,
                                     trainer_max_steps=cfg.steps, seed=cfg.seed, **cfg.guidance_kwargs())
-    prompt_utils = _PromptUtils(cond.to(device), uncond.to(device))
+    prompt_utils = _PromptUtils(cond, uncond)
     start, log = 0, []
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -252,11 +263,35 @@ def nfe_per_step(components, cfg, methods=METHODS, latent_size=8):
     return result
 
 
-def _slug(text, n=48):
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n]
+def _embedder(components, prompts, tiny, device, dtype):
+    """prompt index -> (cond, uncond) on the UNet's device and dtype, computed once per prompt."""
+    cache = {}
+
+    def embeds(i):
+        if i not in cache:
+            pair = tiny_prompt_embeds(components, i) if tiny else (encode_prompt(components, [prompts[i]]),
+                                                                   encode_prompt(components, [""]))
+            cache[i] = tuple(e.to(device, dtype) for e in pair)
+        return cache[i]
+    return embeds
 
 
-def main(argv=None):
+def run_job(job, run_dir, *, components, prompts, embeds, base, reference_kw, progress=True):
+    """One scale-out job: a distillation run, or a DDIM reference sample; returns its record."""
+    i = job.prompt_index
+    atomic_write(run_dir / "prompt.txt", lambda f: f.write((prompts[i] + "\n").encode()))
+    record = {"method": job.method, "prompt_index": i, "prompt": prompts[i], "seed": job.seed, "image": "image.png"}
+    if job.method == scaleout.REFERENCE:
+        img = evaluate.ddim_reference(components, embeds(i), job.seed, base.resolution, **reference_kw)
+        _save_png(run_dir / "image.png", img)
+        return {**record, **{f"ddim_{k}": v for k, v in reference_kw.items()}}
+    cfg = dataclasses.replace(base, method=job.method, seed=job.seed)
+    run_text2image(components, embeds(i), cfg, run_dir, progress=progress)
+    last = json.loads((run_dir / "log.json").read_text())[-1]
+    return {**record, "steps": last["step"], "final_loss": last["loss"], "final_grad_norm": last["grad_norm"]}
+
+
+def _parser():
     p = argparse.ArgumentParser(prog="text2image", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="local diffusers Stable Diffusion folder (or a cached Hub id)")
     p.add_argument("--tiny", action="store_true", help="tiny random components and random prompt embeddings")
@@ -269,58 +304,97 @@ def main(argv=None):
     p.add_argument("--out", default="runs/text2image")
     p.add_argument("--dry-run", action="store_true", help="report NFE per optimisation step; no optimisation")
     p.add_argument("--nfe-out", default=str(NFE_JSON))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--inception", help="local Inception weights for FID (not implemented: path only checked)")
-    p.add_argument("--clip", help="local CLIP weights for CLIP similarity (not implemented: path only checked)")
-    args = p.parse_args(argv)
+    p.add_argument("--device", default=None, help="default: this process's accelerate device (cuda:<local "
+                   "rank> when launched on GPUs, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--inception", help="FID feature network (TorchScript / torch.save'd module, or "
+                   "torch-fidelity's Inception weights); also samples the DDIM references")
+    p.add_argument("--clip", help="local CLIP folder (CLIPModel + CLIPProcessor) for CLIP similarity")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the FID reference samples")
+    p.add_argument("--ddim-guidance-scale", type=float, default=7.5,
+                   help="CFG of the reference samples, diffusers' convention (a stock pipeline's guidance_scale)")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    return p
 
-    prompts = check_prompts(args.prompts)
-    if not args.tiny and not args.model:
-        p.error("give --model PATH (a local diffusers Stable Diffusion folder) or --tiny")
-    components = tiny_components() if args.tiny else load_stable_diffusion(args.model, device=args.device)
+
+def _dry_run(args, components, base):
+    nfe = nfe_per_step(components, base, args.methods)
+    sds = nfe.get("sds")
+    rows = [{"method": m, "nfe_per_step": n, "relative_to_sds": (n / sds if sds else None)} for m, n in nfe.items()]
+    print(f"{'method':<8}{'UNet evals / step':>20}{'x SDS':>10}")
+    for r in rows:
+        rel = "" if r["relative_to_sds"] is None else f"{r['relative_to_sds']:.1f}"
+        print(f"{r['method']:<8}{r['nfe_per_step']:>20g}{rel:>10}")
+    write_json(args.nfe_out, {
+        "unit": "UNet evaluations per optimisation step (CFG counted as 2), from one guidance call",
+        "components": "tiny random" if args.tiny else str(args.model),
+        "msd_steps": base.msd_steps if base.msd_steps is not None else "DistillationGuidance default",
+        "guidance_scale": base.guidance_scale, "methods": rows})
+    print(f"wrote {args.nfe_out}")
+    return rows
+
+
+def merge_results(records, out, args, base, prompts, num_processes, feature, clip, device="cpu"):
+    """results.json (evaluate.write_results) with this run's setup."""
+    reference = None if args.inception is None else {
+        "sampler": "diffsolve sample_ddim + vae_decode", "steps": args.ddim_steps,
+        "guidance_scale": args.ddim_guidance_scale, "cfg": "diffusers convention: uncond + w (cond - uncond)"}
+    setup = {"config": dataclasses.asdict(base), "model": "tiny random" if args.tiny else str(args.model),
+             "dtype": args.dtype, "prompts": prompts, "methods": args.methods, "seeds": args.seeds,
+             "reference": reference, "fid_feature_network": args.inception, "clip_model": args.clip,
+             "num_processes": num_processes}
+    return evaluate.write_results(out / "results.json", records, out, setup, feature, clip, args.methods, device)
+
+
+def _components(args, dtype, device):
+    if not args.tiny:
+        return load_stable_diffusion(args.model, dtype, device)
+    components = tiny_components()
+    for model in (components.unet, components.vae):
+        model.to(device)
+        if dtype != torch.float32:  # diffusers warns on any .to(dtype)
+            model.to(dtype)
+    return components
+
+
+def _base_config(args, components):
     resolution = args.resolution if args.resolution is not None else (32 if args.tiny else T2IConfig.resolution)
     check_resolution(components, resolution)
     base = T2IConfig(steps=args.steps, resolution=resolution, msd_steps=args.msd_steps)
     base.validate()
+    if args.inception is not None:
+        sigmas_from_scheduler(components.scheduler, args.ddim_steps)  # a bad --ddim-steps fails now, not at the end
+    return base
 
+
+def main(argv=None):
+    p = _parser()
+    args = p.parse_args(argv)
+    prompts = check_prompts(args.prompts)
+    if not args.tiny and not args.model:
+        p.error("give --model PATH (a local diffusers Stable Diffusion folder) or --tiny")
+    if args.ddim_steps < 1:
+        p.error(f"--ddim-steps must be >= 1, got {args.ddim_steps}")
+    dtype = getattr(torch, args.dtype)
     if args.dry_run:
-        nfe = nfe_per_step(components, base, args.methods)
-        sds = nfe.get("sds")
-        rows = [{"method": m, "nfe_per_step": n, "relative_to_sds": (n / sds if sds else None)}
-                for m, n in nfe.items()]
-        print(f"{'method':<8}{'UNet evals / step':>20}{'x SDS':>10}")
-        for r in rows:
-            rel = "" if r["relative_to_sds"] is None else f"{r['relative_to_sds']:.1f}"
-            print(f"{r['method']:<8}{r['nfe_per_step']:>20g}{rel:>10}")
-        write_json(args.nfe_out, {
-            "unit": "UNet evaluations per optimisation step (CFG counted as 2), from one guidance call",
-            "components": "tiny random" if args.tiny else str(args.model),
-            "msd_steps": base.msd_steps if base.msd_steps is not None else "DistillationGuidance default",
-            "guidance_scale": base.guidance_scale, "methods": rows})
-        print(f"wrote {args.nfe_out}")
-        return rows
+        components = _components(args, dtype, args.device or "cpu")
+        return _dry_run(args, components, _base_config(args, components))
 
-    for name, path in (("FID", args.inception), ("CLIP similarity", args.clip)):
-        if path is None:
-            print(f"[t2i] {name} skipped: pass --{'inception' if name == 'FID' else 'clip'} PATH to local weights")
-        else:
-            if not Path(path).exists():
-                raise FileNotFoundError(f"{name} weights {path!r} do not exist")
-            print(f"[t2i] {name} not implemented in this script yet; {path} was only checked to exist")
-
+    jobs = scaleout.build_jobs(len(prompts), args.methods, args.seeds, reference=args.inception is not None)
+    state, device = scaleout.process_state(args.device)
+    feature, clip = evaluate.load_metrics(args.inception, args.clip, device, state.is_main_process)
+    components = _components(args, dtype, device)
+    base = _base_config(args, components)
     out = Path(args.out)
-    for i, prompt in enumerate(prompts):
-        if args.tiny:
-            embeds = tiny_prompt_embeds(components, i)
-        else:
-            embeds = (encode_prompt(components, [prompt]), encode_prompt(components, [""]))
-        for method in args.methods:
-            for seed in args.seeds:
-                cfg = dataclasses.replace(base, method=method, seed=seed)
-                run_dir = out / method / f"{i:02d}_{_slug(prompt)}" / f"seed{seed}"
-                run_text2image(components, embeds, cfg, run_dir)
-                (run_dir / "prompt.txt").write_text(prompt + "\n")
-    return out
+    run = functools.partial(run_job, components=components, prompts=prompts, base=base, progress=not args.quiet,
+                            embeds=_embedder(components, prompts, args.tiny, device, dtype),
+                            reference_kw={"steps": args.ddim_steps, "guidance_scale": args.ddim_guidance_scale})
+    records = scaleout.run_sharded(jobs, scaleout.job_folders(prompts), run, out, state)
+    results = None
+    if records is not None:
+        results = merge_results(records, out, args, base, prompts, state.num_processes, feature, clip, device)
+    scaleout.finish(state)
+    return results
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ distiller works on the latents unscaled, with sigma in [sigma(min_step), sigma(m
 CFG is threestudio's / the paper's convention c + w (c - u) (diffsolve `cfg(w, convention="paper")`).
 Randomness: call k (k = 0, 1, ...) since the last `update_step` draws from a CPU generator seeded with
 `seed + global_step + k * 1_000_003` (recorded in `last_seed`); the VAE posterior uses `last_seed + 1`.
+Precision and devices: the distiller works in float32 and each UNet call casts to the UNet's dtype
+(`SDDenoiser(cast=True)`), so a float32 render drives a float16 UNet as in threestudio; rgb / latents and
+the prompt embeddings must sit on the UNet's device (a ValueError naming both otherwise, before any work).
 """
 import math
 
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from diffsolve.distill import MSD, SDI, SDS, VSD
 from diffsolve.transforms import cfg
 
-from .diffusers import SDComponents, SDDenoiser, vae_encode
+from .diffusers import SDComponents, SDDenoiser, check_on_unet, vae_encode
 
 METHODS = ("msd", "sds", "vsd", "sdi")
 
@@ -74,7 +77,7 @@ class DistillationGuidance(torch.nn.Module):
         self.bandwidth_start, self.bandwidth_end = float(bandwidth_start), float(bandwidth_end)
         self.trainer_max_steps, self.grad_clip = int(trainer_max_steps), grad_clip
         self.view_dependent_prompting = view_dependent_prompting
-        self.denoiser = SDDenoiser(unet=self.unet, scheduler=self.scheduler)
+        self.denoiser = SDDenoiser(unet=self.unet, scheduler=self.scheduler, cast=True)
         self.num_train_timesteps = len(self.scheduler.alphas_cumprod)
         self.global_step, self._calls, self.last_seed, self._cond = 0, 0, None, None
         self._set_steps(0)
@@ -139,18 +142,20 @@ class DistillationGuidance(torch.nn.Module):
     def __call__(self, rgb, prompt_utils, elevation=None, azimuth=None, camera_distances=None,
                  rgb_as_latents=False, guidance_eval=False, **kw):
         B = rgb.shape[0]
+        cond, uncond = self._embeddings(prompt_utils, elevation, azimuth, camera_distances, B)
+        for name, t in (("latents" if rgb_as_latents else "rgb", rgb), ("prompt embeddings (cond)", cond),
+                        ("prompt embeddings (uncond)", uncond)):
+            check_on_unet(t, name, self.unet, dtype=False)  # before any work; dtypes are cast below
         generator = self._generator()
         if rgb_as_latents:
             latents = rgb.permute(0, 3, 1, 2)
         else:
             vae_gen = torch.Generator().manual_seed(self.last_seed + 1)
             latents = vae_encode(self.vae, rgb.permute(0, 3, 1, 2), generator=vae_gen)
-        cond, uncond = self._embeddings(prompt_utils, elevation, azimuth, camera_distances, B)
-        dtype = self.unet.dtype
-        self._cond = cond.to(dtype)
+        self._cond = cond.float()  # the distiller's working dtype; the UNet call casts (cast=True)
         d = self.distiller
         d.extra_args = {"encoder_hidden_states": self._cond}
-        uncond = {"encoder_hidden_states": uncond.to(dtype)}
+        uncond = {"encoder_hidden_states": uncond.float()}
         d.transforms = [cfg(self.guidance_scale, uncond=uncond, convention="paper")]
         grad = torch.nan_to_num(d.grad(latents.detach().float(), generator)).to(latents.dtype)
         if self.grad_clip is not None:

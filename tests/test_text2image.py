@@ -106,3 +106,19 @@ def test_main_tiny_end_to_end(tmp_path, capsys):
     assert (run / "image.png").is_file() and (run / "prompt.txt").read_text() == "a cat\n"
     out = capsys.readouterr().out
     assert "FID skipped" in out and "CLIP similarity skipped" in out
+
+
+def test_mismatched_embeddings_fail_before_work(components, tmp_path, monkeypatch):
+    """Prompt embeddings of another dtype or device than the UNet's: a ValueError naming both, before the
+    guidance is built or anything is written (the 'meta' device stands in for another device)."""
+    calls = []
+    monkeypatch.setattr(t2i, "DistillationGuidance", lambda *a, **k: calls.append(1))
+    cond, uncond = tiny_prompt_embeds(components, 0)
+    cfg = T2IConfig(**SMALL)
+    with pytest.raises(ValueError, match=r"\(cond\) has dtype torch.float64 but the UNet has dtype torch.float32"):
+        run_text2image(components, (cond.double(), uncond), cfg, tmp_path / "a", progress=False)
+    with pytest.raises(ValueError, match=r"\(uncond\) is on device meta but the UNet is on device cpu"):
+        run_text2image(components, (cond, uncond.to("meta")), cfg, tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="floating-point"):
+        run_text2image(components, (cond.long(), uncond), cfg, tmp_path / "c", progress=False)
+    assert calls == [] and not any((tmp_path / n).exists() for n in "abc")
