@@ -5,8 +5,9 @@ import numpy as np
 
 from .._io import atomic_write
 
-COLS = (("fd", "FD", "{:.2f}"), ("fd_class", "FD class", "{:.2f}"), ("accuracy", "acc.", "{:.3f}"),
-        ("nn_train", "NN train", "{:.2f}"), ("diversity", "diversity", "{:.2f}"), ("nll_bpp", "NLL bpp", "{:.2f}"))
+COLS = (("fd", "FD", "{:.2f}"), ("fd_class", "FD class", "{:.1f}"), ("accuracy", "acc.", "{:.3f}"),
+        ("nn_train", "NN train", "{:.2f}"), ("copy_rate", "copies", "{:.3f}"), ("diversity", "diversity", "{:.2f}"),
+        ("nll_bpp", "NLL bpp", "{:.2f}"))
 
 
 def _row(label, rec, extra=()):
@@ -26,8 +27,10 @@ def tables(results):
     out = ["## Testbed", "",
            f"classifier accuracy on held-out images {tb['classifier_heldout_accuracy']:.3f}; model NLL of held-out "
            f"images {tb['heldout_nll_bpp']:.2f} bpp (uniform over 17 levels: {tb['uniform_nll_bpp']:.2f})", "",
-           _header(), _row(f"training images ({cfg['particles_per_class']}/class)", {"final": tb["train_subset_vs_heldout"]}),
-           _row(f"held-out images ({cfg['particles_per_class']}/class)", {"final": tb["heldout_subset"]})]
+           _header()]
+    for name, label in (("unseen", "unseen real images"), ("train", "training images (= copies)")):
+        if name in tb["real_images"]:
+            out.append(_row(f"{label}, {cfg['particles_per_class']}/class", {"final": tb["real_images"][name]}))
     for k, r in runs.items():
         if r["run"]["method"] == "ddim":
             out.append(_row(f"DDIM {r['run']['guidance']} w={r['run']['scale']:g} ({r['nfe']:.0f} NFE)", r))
