@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-slow demo toy2d bench env clean
+.PHONY: test test-slow demo toy2d digits bench env clean
 
 $(STAMP): requirements/ci.txt requirements/nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: $(STAMP)
 
 toy2d: $(STAMP)
 	$(PY) benchmarks/toy2d.py
+
+digits: $(STAMP)
+	OMP_NUM_THREADS=2 $(PY) benchmarks/digits.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/solver_overhead.py

@@ -105,27 +105,32 @@ def convergence_figure(results, path):
 
 
 def grid_figure(results, image_dir, path, per_class=4):
-    """Final images of DDIM and each method at the main scale: one panel each, classes in rows."""
+    """Final images at the main scale, classes in rows: DDIM, then each method on pixels (top row of panels)
+    and on the coordinate MLP (bottom row); MSD with the paper's heuristics and without."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from .run import _slug
     cfg, runs = results["config"], results["runs"]
-    keys = [k for k, r in runs.items() if r["run"]["scale"] == cfg["main_scale"] and r["run"]["guidance"] == "cfg"
-            and r["run"].get("schedule", "loglinear") == "loglinear"
-            and (r["run"]["method"] == "ddim" or r["run"]["heuristics"] in ("none", "interval+inverted"))
-            and not (r["run"]["method"] != "msd" and r["run"]["heuristics"] != "none")]
-    n, ppc = len(keys), cfg["particles_per_class"]
+
+    def shown(r):
+        rr = r["run"]
+        return (rr["scale"] == cfg["main_scale"] and rr["guidance"] == "cfg" and rr.get("schedule", "loglinear") == "loglinear"
+                and (rr["method"] == "ddim" or rr["heuristics"] == "none"
+                     or (rr["method"] == "msd" and rr["heuristics"] == "interval+inverted")))
+    rows = [[k for k, r in runs.items() if shown(r) and r["run"]["method"] == "ddim"
+             or shown(r) and r["run"].get("param") == p] for p in ("pixels", "mlp")]
+    ncols, ppc = max(len(r) for r in rows), cfg["particles_per_class"]
     k_show = min(per_class, ppc)
-    fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        x = np.load(Path(image_dir) / f"{_slug(key)}.npy").astype(np.float32)
-        x = x.reshape(10, ppc, 8, 8)[:, :k_show]
-        tile = x.transpose(0, 2, 1, 3).reshape(80, 8 * k_show)
-        ax.imshow(np.clip(tile, -1, 1), cmap="gray_r", vmin=-1, vmax=1)
-        ax.set_title(key.replace("/cfg", "").replace("interval+inverted", "heur.").replace("/loglinear", ""),
-                     fontsize=6)
+    fig, axes = plt.subplots(2, ncols, figsize=(1.25 * ncols, 6.2), squeeze=False)
+    for ax in axes.flat:
         ax.axis("off")
+    for i, keys in enumerate(rows):
+        for ax, key in zip(axes[i], keys):
+            x = np.load(Path(image_dir) / f"{_slug(key)}.npy").astype(np.float32).reshape(10, ppc, 8, 8)[:, :k_show]
+            ax.imshow(np.clip(x.transpose(0, 2, 1, 3).reshape(80, 8 * k_show), -1, 1), cmap="gray_r", vmin=-1, vmax=1)
+            ax.set_title(key.replace("/cfg", "").replace("/interval+inverted", "\n+heuristics").replace("/loglinear", "")
+                         .replace("/none", "").replace("/pixels", "\npixels").replace("/mlp", "\nMLP"), fontsize=7)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -35,8 +35,11 @@ class DigitsConfig:
     main_scale: float = 3.0       # the scale of the ablations (heuristics, schedules, autoguidance)
     lr_pixels: float = 0.05       # Adam
     lr_mlp: float = 0.01          # Adam, the paper's text-to-2D learning rate
-    sigma_min: float = 0.002
+    sigma_min: float = 0.002      # sampling range: DDIM and MSD's chain (EDM's)
     sigma_max: float = 80.0
+    # SDS / VSD / SDI draw sigma in Stable Diffusion's t in [20, 980] (threestudio's min/max_step_percent
+    # 0.02 / 0.98) mapped to VE sigma through SD's scaled-linear schedule
+    noisy_sigma: tuple = (0.138, 13.04)
     interval: tuple = (0.3, 5.0)  # (sigma_lo, sigma_hi]: guidance (and MSD's kernel) in a limited interval
     msd_steps: int = 16           # MSD chain: DDIM eta = 1 on the rho-grid, exact (split) kernel flow
     lam_start: float = 1e3        # the paper's lambda_3
@@ -138,7 +141,7 @@ def inversion_transforms(run, models, cfg_):
 def make_distiller(run, models, labels, cfg_):
     model, transforms = models["main"], guidance_transforms(run, models, cfg_)
     extra = {"class_labels": labels}
-    noisy = dict(sigma_min=cfg_.sigma_min, sigma_max=cfg_.sigma_max, weighting="sds", transforms=transforms,
+    noisy = dict(sigma_min=cfg_.noisy_sigma[0], sigma_max=cfg_.noisy_sigma[1], weighting="sds", transforms=transforms,
                  extra_args=extra)
     if run.method == "sds":
         return SDS(model, **noisy)
