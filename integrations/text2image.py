@@ -310,7 +310,7 @@ def _parser():
     p.add_argument("--inception", help="FID feature network (TorchScript / torch.save'd module, or "
                    "torch-fidelity's Inception weights); also samples the DDIM references")
     p.add_argument("--clip", help="local CLIP folder (CLIPModel + CLIPProcessor) for CLIP similarity")
-    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps of the FID reference samples")
+    p.add_argument("--ddim-steps", type=int, default=32, help="DDIM steps of the FID reference samples (the paper: 32)")
     p.add_argument("--ddim-guidance-scale", type=float, default=7.5,
                    help="CFG of the reference samples, diffusers' convention (a stock pipeline's guidance_scale)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
