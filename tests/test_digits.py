@@ -137,21 +137,22 @@ def test_quick_study_runs_every_method_at_equal_nfe_and_resumes(tmp_path):
     assert "## Equal NFE, mlp" in tables(results)
 
 
-def test_docs_main_table_quotes_the_committed_run():
-    """docs/digits.md's equal-NFE table is the committed benchmarks/results/digits.json, cell by cell."""
+def test_docs_main_tables_quote_the_committed_runs():
+    """docs/digits.md's equal-NFE tables (seed 0, then seed 1) are the committed JSON, cell by cell."""
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    runs = json.loads((root / "benchmarks/results/digits.json").read_text())["runs"]
-    doc = (root / "docs/digits.md").read_text()
+    doc = (root / "docs/digits.md").read_text().splitlines()
     columns = [(p, w) for p in ("pixels", "mlp") for w in ("1", "3", "7.5")]
     checked = 0
-    for method in study.METHODS:
-        line = next(l for l in doc.splitlines() if l.startswith(f"| {method.upper()} |") or
-                    l.startswith(f"| {method.upper()} (+ heuristics) |"))
-        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
-        for (param, w), cell in zip(columns, cells):
-            heur = "interval+inverted/loglinear" if method == "msd" else "none"
-            final = runs[f"{method}/{param}/cfg/w{w}/{heur}"]["final"]
-            assert float(cell.strip("*").split()[0].strip("*")) == round(final["fd"], 1), (method, param, w)
-            checked += 1
-    assert checked == 24
+    for table, name in enumerate(("digits.json", "digits_seed1.json")):
+        runs = json.loads((root / "benchmarks/results" / name).read_text())["runs"]
+        for method in study.METHODS:
+            label = f"| {method.upper()}" + (" (+ heuristics) |" if method == "msd" else " |")
+            line = [l for l in doc if l.startswith(label)][table]
+            cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+            for (param, w), cell in zip(columns, cells):
+                heur = "interval+inverted/loglinear" if method == "msd" else "none"
+                final = runs[f"{method}/{param}/cfg/w{w}/{heur}"]["final"]
+                assert float(cell.split()[0].strip("*")) == round(final["fd"], 1), (name, method, param, w)
+                checked += 1
+    assert checked == 48

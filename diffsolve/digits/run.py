@@ -72,13 +72,14 @@ def _slug(key):
     return re.sub(r"[^A-Za-z0-9.]+", "_", key)
 
 
-def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="digits.json", only=None):
+def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="digits.json", only=None,
+              ablations=True):
     """All runs of `study.plan(cfg)` (or those whose key contains `only`); resumes from the JSON when its
     config matches; writes the JSON after every run and the final images as .npy beside it."""
     out_dir = Path(out_dir)
     json_path, img_dir = out_dir / json_name, out_dir / (Path(json_name).stem + "_images")
     t0 = time.perf_counter()
-    split, models, ref = load_testbed(training, cache_dir, progress, cfg.seed)
+    split, models, ref = load_testbed(training, cache_dir, progress)  # one split and one set of models for every seed
     results = {"name": Path(json_name).stem, "config": json.loads(json.dumps(asdict(cfg))),
                "training": json.loads(json.dumps(training)), "runs": {}}
     if json_path.exists():
@@ -89,7 +90,7 @@ def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="
     if "testbed" not in results:
         results["testbed"] = testbed_checks(models, ref, cfg)
         write_json(json_path, results)
-    runs = [r for r in study.plan(cfg) if only is None or only in r.key]
+    runs = [r for r in study.plan(cfg, ablations=ablations) if only is None or only in r.key]
     for r in tqdm(runs, desc="digits runs", disable=not progress):
         npy = img_dir / f"{_slug(r.key)}.npy"
         if r.key in results["runs"] and npy.exists():
@@ -120,6 +121,9 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=None, help="trained models ($DIFFSOLVE_CACHE or ~/.cache/diffsolve)")
     p.add_argument("--budget", type=int, default=None, help="model evaluations per image per run")
     p.add_argument("--only", default=None, help="run only the runs whose key contains this text")
+    p.add_argument("--seed", type=int, default=0, help="another seed (initial images, noise) of the same "
+                   "trained models; writes digits_seed<N>.json and no figures")
+    p.add_argument("--main-grid", action="store_true", help="only the DDIM references and the main table's runs")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -128,12 +132,15 @@ def main(argv=None):
         if args.budget < 1:
             raise SystemExit(f"--budget must be >= 1, got {args.budget}")
         cfg = replace(cfg, budget=args.budget)
+    if args.seed:
+        cfg = replace(cfg, seed=args.seed)
     training = QUICK_TRAINING if args.quick else FULL_TRAINING
     out = Path(args.out) if args.out else (Path("outputs/digits-quick") if args.quick else ROOT / "benchmarks" / "results")
     cache = Path(args.cache_dir) if args.cache_dir else None
+    name = ("digits-quick" if args.quick else "digits") + (f"_seed{args.seed}" if args.seed else "")
     results = run_study(cfg, training, out, cache, not args.no_progress, only=args.only,
-                        json_name="digits-quick.json" if args.quick else "digits.json")
+                        json_name=f"{name}.json", ablations=not args.main_grid)
     from .report import write_report
-    write_report(results, out, figures=not args.no_figures,
+    write_report(results, out, figures=not args.no_figures and not args.seed,
                  fig_dir=(out / "figures") if args.quick or args.out else ROOT / "docs" / "figures")
     return results

@@ -79,14 +79,19 @@ class Run:
         return f"{self.method}/{self.param}/{self.guidance}/w{self.scale:g}/{self.heuristics}{extra}"
 
 
-def plan(cfg_, methods=METHODS, params=PARAMETRISATIONS):
+def plan(cfg_, methods=METHODS, params=PARAMETRISATIONS, ablations=True):
     """Every run of the study, in order: DDIM references, the main grid (every method, parametrisation and
-    scale; baselines without heuristics, MSD with the paper's), then the ablations at the main scale."""
+    scale; baselines without heuristics, MSD with the paper's), then (`ablations`) the ablations at the
+    main scale."""
     w0 = cfg_.main_scale
-    runs = [Run("ddim", scale=w) for w in cfg_.scales] + [Run("ddim", scale=w0, guidance="autoguidance")]
+    runs = [Run("ddim", scale=w) for w in cfg_.scales]
     for p in params:
         for w in cfg_.scales:
             runs += [Run(m, p, w, "interval+inverted" if m == "msd" else "none") for m in methods]
+    if not ablations:
+        return runs
+    runs.insert(len(cfg_.scales), Run("ddim", scale=w0, guidance="autoguidance"))
+    for p in params:
         runs += [Run(m, p, w0, "interval") for m in methods if m != "msd"]
         if "msd" in methods:
             runs += [Run("msd", p, w0, h) for h in HEURISTICS if h != "interval+inverted"]
