@@ -204,3 +204,24 @@ def test_linspace_ddim_is_off_grid_in_diffusers(parts):
     sched = tiny_sd_scheduler(timestep_spacing="linspace", steps_offset=0)
     latents, pos, _, _ = _inputs()
     assert _err(_ours(unet, sched, latents, pos), _diffusers_ddim(unet, sched, latents, pos)) > 1.0
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])  # diffusers skips CFG at guidance_scale <= 1
+def test_same_seed_gives_the_stock_pipelines_latents(parts, guidance_scale):
+    """The pipeline draws its own initial latents from a seeded generator; diffsolve draws the same
+    N(0, I) latents from the same seed (diffusers' randn_tensor on the CPU is torch.randn) and samples."""
+    from diffusers import StableDiffusionPipeline
+    unet, sched, vae = parts
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    _, pos, neg, _ = _inputs()
+    f = pipe.vae_scale_factor
+    ref = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, guidance_scale=guidance_scale, num_inference_steps=N,
+               output_type="latent", generator=torch.Generator().manual_seed(7), height=16 * f, width=16 * f).images
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(7)) * sched.init_noise_sigma
+    cfg = [ds.cfg(guidance_scale, uncond={"encoder_hidden_states": neg})] if guidance_scale > 1 else []
+    ours = _ours(unet, sched, latents, pos, transforms=cfg)
+    assert _err(ours, ref) < TOL, _err(ours, ref)
+    other_seed = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(8))
+    assert _err(_ours(unet, sched, other_seed, pos, transforms=cfg), ref) > 1e-2  # negative control
