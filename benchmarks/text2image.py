@@ -1,4 +1,4 @@
-r"""Text-to-2D with every distiller (same as `python -m diffsolve.integrations.text2image` and `diffsolve t2i`).
+r"""Text-to-2D with every distiller (same as `python -m diffsolve.integrations.t2i_cli` and `diffsolve t2i`).
 
     python benchmarks/text2image.py --model /path/to/stable-diffusion --methods msd sds
     accelerate launch --num_processes 8 benchmarks/text2image.py --model /path/to/stable-diffusion \
@@ -9,7 +9,7 @@ See docs/stable-diffusion.md for what each run writes and how the processes' res
 """
 import sys
 
-from diffsolve.integrations.text2image import main
+from diffsolve.integrations.t2i_cli import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -64,7 +64,7 @@ def main(argv=None):
         digits_main(argv[1:])
         return 0
     if argv[:1] == ["t2i"]:  # text-to-2D through Stable Diffusion (diffsolve t2i --help)
-        from .integrations.text2image import main as t2i_main
+        from .integrations.t2i_cli import main as t2i_main
         t2i_main(argv[1:])
         return 0
     parser = argparse.ArgumentParser(prog="diffsolve", description=__doc__)

@@ -2,36 +2,24 @@
 of a 2D point -> MLP -> sigmoid RGB), rendered, VAE-encoded and optimised with any distiller (SDS, VSD, SDI,
 MSD) through `DistillationGuidance`.
 
-    python benchmarks/text2image.py --model /path/to/sd-folder --methods msd sds --seeds 0 1
-    accelerate launch --num_processes 4 benchmarks/text2image.py --model ... --inception ... --clip ...
-    python benchmarks/text2image.py --dry-run --tiny     # NFE per optimisation step, offline
+The command line (scale-out over processes, FID / CLIP, the NFE dry run) is integrations.t2i_cli.
 
 Each run writes, in its own folder `<out>/<method>/<prompt index>_<slug>/seed<seed>/`: config.json (the
 `T2IConfig`), log.json (loss / grad_norm per step), strip/ (intermediate images) and strip.png, image.png
 (final), checkpoint.pt (model + optimizer + step + log, written atomically every `checkpoint_every` steps; a
-run resumes from it), prompt.txt and record.json. The prompt x method x seed jobs (plus, with `--inception`,
-a DDIM reference sample per prompt and seed under `<out>/ddim/`) are shared out over the processes of an
-`accelerate launch` / `torchrun` (integrations.scaleout); the main process then merges every job's record
-and the metrics into `<out>/results.json`: FID of each method against the DDIM samples (`--inception`) and
-CLIP similarity (`--clip`), each recorded as skipped, with a message, when its weights are not given
-(integrations.evaluate).
+run resumes from it), and termination.json when an MSD run stopped at §4.5's criterion.
 """
-import argparse
 import dataclasses
-import functools
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
 from diffsolve._io import atomic_write, write_json
 
-from . import evaluate, scaleout
-from .diffusers import (check_on_unet, encode_prompt, load_stable_diffusion, sigmas_from_scheduler,
-                       tiny_sd_components)
+from .diffusers import check_on_unet, tiny_sd_components
 from .threestudio import METHODS, DistillationGuidance
 
 PAPER_PROMPTS = (  # appendix D, "List of prompts"
@@ -46,7 +34,6 @@ PAPER_PROMPTS = (  # appendix D, "List of prompts"
     "A watercolor painting of a sparrow, trending on artstation",
     "Michelangelo style statue of man sitting on a chair",
 )
-NFE_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "text2image_nfe.json"
 
 
 @dataclasses.dataclass
@@ -66,6 +53,10 @@ class T2IConfig:
     strip_every: int = 50
     checkpoint_every: int = 50
     msd_steps: int = None          # MSD chain steps; None = DistillationGuidance's / MSD's default
+    guidance_interval: tuple = None  # (sigma_lo, sigma_hi): CFG only there (§4.3); None = everywhere
+    msd_center: str = "iterate"    # MSD's kernel centre: "iterate", or "noised" / "inverted" (§4.3)
+    kernel_interval: tuple = None  # MSD's kernel only for sigma in (lo, hi] (§3.4, §4.3)
+    stop_when_converged: bool = False  # end the run when MSD's lambda < 1e-2 (§4.5), logged as "converged"
     distiller_kwargs: dict = dataclasses.field(default_factory=dict)
 
     def validate(self):
@@ -77,11 +68,23 @@ class T2IConfig:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.msd_center not in ("iterate", "noised", "inverted"):
+            raise ValueError(f"msd_center must be 'iterate', 'noised' or 'inverted', got {self.msd_center!r}")
+        for name in ("guidance_interval", "kernel_interval"):
+            value = getattr(self, name)
+            if value is not None and not (len(value) == 2 and 0 <= value[0] < value[1]):
+                raise ValueError(f"{name} must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {value!r}")
 
     def guidance_kwargs(self):
         kw = dict(self.distiller_kwargs)
-        if self.method == "msd" and self.msd_steps is not None:
-            kw["steps"] = self.msd_steps
+        if self.guidance_interval is not None:
+            kw["guidance_interval"] = tuple(self.guidance_interval)
+        if self.method == "msd":
+            kw["center"] = self.msd_center
+            if self.msd_steps is not None:
+                kw["steps"] = self.msd_steps
+            if self.kernel_interval is not None:
+                kw["kernel_interval"] = tuple(self.kernel_interval)
         return kw
 
 
@@ -194,7 +197,7 @@ def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_
     ckpt_path, cfg_path = out_dir / "checkpoint.pt", out_dir / "config.json"
     if ckpt_path.exists() and cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
-        mine = dataclasses.asdict(cfg)
+        mine = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists, as saved
         diff = [k for k in mine if k != "steps" and saved.get(k) != mine[k]]
         if diff:
             raise ValueError(f"{out_dir} holds a checkpoint of a different config (differs in {diff}); "
@@ -218,8 +221,15 @@ def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_
             print(f"[t2i] resuming {out_dir} from step {start}")
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     res = cfg.resolution
+    converged_at = None
     for step in range(start, end):
         guidance.update_step(0, step)
+        if cfg.stop_when_converged and guidance.converged:
+            converged_at = step
+            write_json(out_dir / "termination.json", {"converged_at_step": step, "terminate_below": guidance.terminate_below,
+                                                      "bandwidth": guidance.distiller.bandwidth})
+            _save_checkpoint(ckpt_path, model, opt, step, log)
+            break
         rgb = model.render(res, res)
         out = guidance(rgb, prompt_utils, None, None, None)
         opt.zero_grad(set_to_none=True)
@@ -238,7 +248,7 @@ def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_
         if done % cfg.checkpoint_every == 0 or done == end:
             _save_checkpoint(ckpt_path, model, opt, done, log)
             write_json(out_dir / "log.json", log)
-    if end == cfg.steps:
+    if end == cfg.steps or converged_at is not None:
         with torch.no_grad():
             _save_png(out_dir / "image.png", model.render(res, res)[0])
         _save_strip(out_dir)
@@ -261,141 +271,3 @@ def nfe_per_step(components, cfg, methods=METHODS, latent_size=8):
         guidance(lat.to(components.unet.device), _PromptUtils(cond, uncond), rgb_as_latents=True)
         result[method] = float(guidance.distiller.last_nfe)
     return result
-
-
-def _embedder(components, prompts, tiny, device, dtype):
-    """prompt index -> (cond, uncond) on the UNet's device and dtype, computed once per prompt."""
-    cache = {}
-
-    def embeds(i):
-        if i not in cache:
-            pair = tiny_prompt_embeds(components, i) if tiny else (encode_prompt(components, [prompts[i]]),
-                                                                   encode_prompt(components, [""]))
-            cache[i] = tuple(e.to(device, dtype) for e in pair)
-        return cache[i]
-    return embeds
-
-
-def run_job(job, run_dir, *, components, prompts, embeds, base, reference_kw, progress=True):
-    """One scale-out job: a distillation run, or a DDIM reference sample; returns its record."""
-    i = job.prompt_index
-    atomic_write(run_dir / "prompt.txt", lambda f: f.write((prompts[i] + "\n").encode()))
-    record = {"method": job.method, "prompt_index": i, "prompt": prompts[i], "seed": job.seed, "image": "image.png"}
-    if job.method == scaleout.REFERENCE:
-        img = evaluate.ddim_reference(components, embeds(i), job.seed, base.resolution, **reference_kw)
-        _save_png(run_dir / "image.png", img)
-        return {**record, **{f"ddim_{k}": v for k, v in reference_kw.items()}}
-    cfg = dataclasses.replace(base, method=job.method, seed=job.seed)
-    run_text2image(components, embeds(i), cfg, run_dir, progress=progress)
-    last = json.loads((run_dir / "log.json").read_text())[-1]
-    return {**record, "steps": last["step"], "final_loss": last["loss"], "final_grad_norm": last["grad_norm"]}
-
-
-def _parser():
-    p = argparse.ArgumentParser(prog="text2image", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="local diffusers Stable Diffusion folder (or a cached Hub id)")
-    p.add_argument("--tiny", action="store_true", help="tiny random components and random prompt embeddings")
-    p.add_argument("--prompts", nargs="*", default=list(PAPER_PROMPTS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--steps", type=int, default=T2IConfig.steps)
-    p.add_argument("--resolution", type=int, default=None, help="default 512 (32 with --tiny)")
-    p.add_argument("--msd-steps", type=int, default=None)
-    p.add_argument("--out", default="runs/text2image")
-    p.add_argument("--dry-run", action="store_true", help="report NFE per optimisation step; no optimisation")
-    p.add_argument("--nfe-out", default=str(NFE_JSON))
-    p.add_argument("--device", default=None, help="default: this process's accelerate device (cuda:<local "
-                   "rank> when launched on GPUs, else cpu)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--inception", help="FID feature network (TorchScript / torch.save'd module, or "
-                   "torch-fidelity's Inception weights); also samples the DDIM references")
-    p.add_argument("--clip", help="local CLIP folder (CLIPModel + CLIPProcessor) for CLIP similarity")
-    p.add_argument("--ddim-steps", type=int, default=32, help="DDIM steps of the FID reference samples (the paper: 32)")
-    p.add_argument("--ddim-guidance-scale", type=float, default=7.5,
-                   help="CFG of the reference samples, diffusers' convention (a stock pipeline's guidance_scale)")
-    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
-    return p
-
-
-def _dry_run(args, components, base):
-    nfe = nfe_per_step(components, base, args.methods)
-    sds = nfe.get("sds")
-    rows = [{"method": m, "nfe_per_step": n, "relative_to_sds": (n / sds if sds else None)} for m, n in nfe.items()]
-    print(f"{'method':<8}{'UNet evals / step':>20}{'x SDS':>10}")
-    for r in rows:
-        rel = "" if r["relative_to_sds"] is None else f"{r['relative_to_sds']:.1f}"
-        print(f"{r['method']:<8}{r['nfe_per_step']:>20g}{rel:>10}")
-    write_json(args.nfe_out, {
-        "unit": "UNet evaluations per optimisation step (CFG counted as 2), from one guidance call",
-        "components": "tiny random" if args.tiny else str(args.model),
-        "msd_steps": base.msd_steps if base.msd_steps is not None else "DistillationGuidance default",
-        "guidance_scale": base.guidance_scale, "methods": rows})
-    print(f"wrote {args.nfe_out}")
-    return rows
-
-
-def merge_results(records, out, args, base, prompts, num_processes, feature, clip, device="cpu"):
-    """results.json (evaluate.write_results) with this run's setup."""
-    reference = None if args.inception is None else {
-        "sampler": "diffsolve sample_ddim + vae_decode", "steps": args.ddim_steps,
-        "guidance_scale": args.ddim_guidance_scale, "cfg": "diffusers convention: uncond + w (cond - uncond)"}
-    setup = {"config": dataclasses.asdict(base), "model": "tiny random" if args.tiny else str(args.model),
-             "dtype": args.dtype, "prompts": prompts, "methods": args.methods, "seeds": args.seeds,
-             "reference": reference, "fid_feature_network": args.inception, "clip_model": args.clip,
-             "num_processes": num_processes}
-    return evaluate.write_results(out / "results.json", records, out, setup, feature, clip, args.methods, device)
-
-
-def _components(args, dtype, device):
-    if not args.tiny:
-        return load_stable_diffusion(args.model, dtype, device)
-    components = tiny_components()
-    for model in (components.unet, components.vae):
-        model.to(device)
-        if dtype != torch.float32:  # diffusers warns on any .to(dtype)
-            model.to(dtype)
-    return components
-
-
-def _base_config(args, components):
-    resolution = args.resolution if args.resolution is not None else (32 if args.tiny else T2IConfig.resolution)
-    check_resolution(components, resolution)
-    base = T2IConfig(steps=args.steps, resolution=resolution, msd_steps=args.msd_steps)
-    base.validate()
-    if args.inception is not None:
-        sigmas_from_scheduler(components.scheduler, args.ddim_steps)  # a bad --ddim-steps fails now, not at the end
-    return base
-
-
-def main(argv=None):
-    p = _parser()
-    args = p.parse_args(argv)
-    prompts = check_prompts(args.prompts)
-    if not args.tiny and not args.model:
-        p.error("give --model PATH (a local diffusers Stable Diffusion folder) or --tiny")
-    if args.ddim_steps < 1:
-        p.error(f"--ddim-steps must be >= 1, got {args.ddim_steps}")
-    dtype = getattr(torch, args.dtype)
-    if args.dry_run:
-        components = _components(args, dtype, args.device or "cpu")
-        return _dry_run(args, components, _base_config(args, components))
-
-    jobs = scaleout.build_jobs(len(prompts), args.methods, args.seeds, reference=args.inception is not None)
-    state, device = scaleout.process_state(args.device)
-    feature, clip = evaluate.load_metrics(args.inception, args.clip, device, state.is_main_process)
-    components = _components(args, dtype, device)
-    base = _base_config(args, components)
-    out = Path(args.out)
-    run = functools.partial(run_job, components=components, prompts=prompts, base=base, progress=not args.quiet,
-                            embeds=_embedder(components, prompts, args.tiny, device, dtype),
-                            reference_kw={"steps": args.ddim_steps, "guidance_scale": args.ddim_guidance_scale})
-    records = scaleout.run_sharded(jobs, scaleout.job_folders(prompts), run, out, state)
-    results = None
-    if records is not None:
-        results = merge_results(records, out, args, base, prompts, state.num_processes, feature, clip, device)
-    scaleout.finish(state)
-    return results
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

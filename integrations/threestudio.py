@@ -22,8 +22,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from diffsolve.distill import MSD, SDI, SDS, VSD
-from diffsolve.transforms import cfg
+from diffsolve.distill import MSD, SDI, SDS, VSD, should_stop
+from diffsolve.transforms import cfg, limited_interval
 
 from .diffusers import SDComponents, SDDenoiser, check_on_unet, vae_encode
 
@@ -59,11 +59,16 @@ class DistillationGuidance(torch.nn.Module):
     paper leaves the form unspecified). `grad_clip`, `min_step_percent`, `max_step_percent` accept
     threestudio's [start_step, start, end, end_step] schedules. `distiller_kwargs` go to the distiller
     (e.g. MSD `steps=`, `sampler=`; VSD `variational=`, `variational_update=`; SDI `n_inversion=`).
-    VSD without `variational=` uses the frozen text-conditioned model (zero-initialised LoRA at step 0)."""
+    VSD without `variational=` uses the frozen text-conditioned model (zero-initialised LoRA at step 0).
+    The paper's §4.3 heuristics: `guidance_interval=(sigma_lo, sigma_hi)` applies CFG only there (any
+    method); for MSD pass `kernel_interval=(lo, hi)` and `center="inverted"` (or "noised") through
+    `distiller_kwargs`. §4.5's termination: `converged` is True once MSD's lambda is below
+    `terminate_below` (the paper's lambda_1 = 1e-2); it never fires for the other methods."""
 
     def __init__(self, components, method="msd", guidance_scale=7.5, min_step_percent=0.02,
                  max_step_percent=0.98, bandwidth_start=1e3, bandwidth_end=1e-2, trainer_max_steps=10000,
-                 grad_clip=None, weighting="sds", seed=0, view_dependent_prompting=True, **distiller_kwargs):
+                 grad_clip=None, weighting="sds", seed=0, view_dependent_prompting=True, guidance_interval=None,
+                 terminate_below=1e-2, **distiller_kwargs):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -76,6 +81,11 @@ class DistillationGuidance(torch.nn.Module):
         self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
         self.bandwidth_start, self.bandwidth_end = float(bandwidth_start), float(bandwidth_end)
         self.trainer_max_steps, self.grad_clip = int(trainer_max_steps), grad_clip
+        if guidance_interval is not None:
+            lo, hi = guidance_interval
+            if not 0 <= lo < hi:
+                raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {guidance_interval}")
+        self.guidance_interval, self.terminate_below = guidance_interval, float(terminate_below)
         self.view_dependent_prompting = view_dependent_prompting
         self.denoiser = SDDenoiser(unet=self.unet, scheduler=self.scheduler, cast=True)
         self.num_train_timesteps = len(self.scheduler.alphas_cumprod)
@@ -96,6 +106,11 @@ class DistillationGuidance(torch.nn.Module):
             variational = kw.pop("variational", None) or (
                 lambda z, sigma: self.denoiser(z, sigma, encoder_hidden_states=self._cond))
             self.distiller = VSD(self.denoiser, variational, **{**noisy, **kw})
+
+    @property
+    def converged(self):
+        """§4.5: MSD's bandwidth has fallen below `terminate_below` (z_0 ~ x: further steps change little)."""
+        return self.method == "msd" and should_stop(self.distiller.bandwidth, lam_floor=self.terminate_below)
 
     def sigma_of(self, t):
         """VE sigma of training timestep t: sqrt((1 - abar_t) / abar_t)."""
@@ -156,7 +171,8 @@ class DistillationGuidance(torch.nn.Module):
         d = self.distiller
         d.extra_args = {"encoder_hidden_states": self._cond}
         uncond = {"encoder_hidden_states": uncond.float()}
-        d.transforms = [cfg(self.guidance_scale, uncond=uncond, convention="paper")]
+        guidance = cfg(self.guidance_scale, uncond=uncond, convention="paper")
+        d.transforms = [guidance if self.guidance_interval is None else limited_interval(guidance, *self.guidance_interval)]
         grad = torch.nan_to_num(d.grad(latents.detach().float(), generator)).to(latents.dtype)
         if self.grad_clip is not None:
             clip = C(self.grad_clip, self.global_step)

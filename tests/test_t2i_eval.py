@@ -18,7 +18,7 @@ from PIL import Image  # noqa: E402
 
 from diffsolve.integrations import evaluate  # noqa: E402
 from diffsolve.integrations.diffusers import tiny_sd_components  # noqa: E402
-from diffsolve.integrations.text2image import main  # noqa: E402
+from diffsolve.integrations.t2i_cli import main  # noqa: E402
 
 torch.set_num_threads(1)
 

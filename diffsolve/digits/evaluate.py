@@ -5,7 +5,6 @@ import math
 
 import torch
 
-from ..denoisers import append_dims
 from ..schedules import sigmas_karras
 from .data import PIXELS, SCALE, bits_per_pixel
 
