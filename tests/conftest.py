@@ -64,3 +64,13 @@ def tiny_clip(path, image_size=32, seed=0):
     model.save_pretrained(path)
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(path)
     return path
+
+
+def frechet_distance_scipy(a, b):
+    """|mu_a - mu_b|^2 + tr(C_a + C_b - 2 sqrtm(C_a C_b)) of two [N, d] arrays, written out with numpy /
+    scipy: the independent reference for diffsolve's and torchmetrics' Fréchet distances."""
+    import numpy as np
+    import scipy.linalg
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real))

@@ -3,10 +3,9 @@ and the whole comparison in quick mode (every method runs, numbers finite, resul
 import json
 import math
 
-import numpy as np
 import pytest
-import scipy.linalg
 import torch
+from conftest import frechet_distance_scipy
 
 from diffsolve.analytic import GaussianMixture
 from diffsolve.digits import run, study, train
@@ -18,17 +17,11 @@ from diffsolve.digits.model import NULL_CLASS, DigitsDenoiser
 torch.set_num_threads(1)
 
 
-def _fd_scipy(a, b):
-    a, b = a.numpy(), b.numpy()
-    ca, cb = np.cov(a.T), np.cov(b.T)
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(ca + cb - 2 * scipy.linalg.sqrtm(ca @ cb).real))
-
-
 def test_frechet_distance_matches_the_scipy_formula_and_its_identities():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(300, 6, generator=g, dtype=torch.float64)
     b = torch.randn(200, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 1
-    assert frechet_distance(a, b) == pytest.approx(_fd_scipy(a, b), rel=1e-9)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance_scipy(a.numpy(), b.numpy()), rel=1e-9)
     assert abs(frechet_distance(a, a)) < 1e-9
     shift = torch.tensor([0.5, 0, 0, 0, 0, -1.0], dtype=torch.float64)
     assert frechet_distance(a, a + shift) == pytest.approx(1.25, abs=1e-9)  # same covariance: |mean shift|^2

@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("diffusers")
 pytest.importorskip("torchmetrics")
-scipy_linalg = pytest.importorskip("scipy.linalg")
+pytest.importorskip("scipy.linalg")
 
 import torch  # noqa: E402
-from conftest import tiny_clip, tiny_feature_network  # noqa: E402
+from conftest import frechet_distance_scipy, tiny_clip, tiny_feature_network  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from diffsolve.integrations import evaluate  # noqa: E402
@@ -30,11 +30,7 @@ def _images(n, seed, size=16):
 def _scipy_fid(net, real, fake):
     """Fréchet distance of Gaussians fitted to the features, written out with numpy / scipy."""
     with torch.no_grad():
-        f1, f2 = (net(x).double().numpy() for x in (real, fake))
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = scipy_linalg.sqrtm(s1 @ s2).real
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+        return frechet_distance_scipy(*(net(x).double().numpy() for x in (real, fake)))
 
 
 @pytest.fixture(scope="module")
