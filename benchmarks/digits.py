@@ -6,7 +6,7 @@ and SDS / VSD / SDI / MSD at equal NFE against DDIM samples.
 """
 import sys
 
-from diffsolve.digits.run import main
+from diffsolve_studies.digits.run import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

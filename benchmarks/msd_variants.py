@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, write_json_atomic  # noqa: E402
 
 from diffsolve.distill import MSD, mean_shift_oracle  # noqa: E402
-from diffsolve.toy import fractal_tree, toy_models  # noqa: E402
-from diffsolve.toy.study import grid_points  # noqa: E402
+from diffsolve_studies.toy import fractal_tree, toy_models  # noqa: E402
+from diffsolve_studies.toy.study import grid_points  # noqa: E402
 
 VARIANTS = {
     "paper chain, split, eta 1": dict(sampler="kernel", face="split", eta=1.0),

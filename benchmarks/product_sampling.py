@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, write_json_atomic  # noqa: E402
 
 import diffsolve as ds  # noqa: E402
-from diffsolve.toy.datasets import three_component_mixture as mixture  # noqa: E402
+from diffsolve_studies.toy.datasets import three_component_mixture as mixture  # noqa: E402
 
 X = torch.tensor([0.2, 0.6], dtype=torch.float64)
 

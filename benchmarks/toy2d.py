@@ -7,7 +7,7 @@ Trained models are cached (DIFFSOLVE_CACHE or ~/.cache/diffsolve); runs resume f
 """
 import sys
 
-from diffsolve.toy.run import main
+from diffsolve_studies.toy.run import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, write_json_atomic  # noqa: E402
 
-from diffsolve.toy import study  # noqa: E402
+from diffsolve_studies.toy import study  # noqa: E402
 
 
 def main(argv=None):

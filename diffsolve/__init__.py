@@ -13,4 +13,4 @@ from .solvers import (SampleInfo, ancestral_step, sample_ddim, sample_euler, sam
 from .transforms import (GaussianKernel, Guidance, LimitedInterval, Transform, autoguidance, cfg, compose,
                          gaussian_kernel, limited_interval)
 
-__version__ = "0.1.0"
+from ._version import __version__

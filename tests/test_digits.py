@@ -8,11 +8,11 @@ import torch
 from conftest import frechet_distance_scipy
 
 from diffsolve.analytic import GaussianMixture
-from diffsolve.digits import run, study, train
-from diffsolve.digits.data import LEVELS, bits_per_pixel, dequantize, load_digits_split
-from diffsolve.digits.evaluate import frechet_distance, log_likelihood
-from diffsolve.digits.images import CoordinateImages, pixel_centres
-from diffsolve.digits.model import NULL_CLASS, DigitsDenoiser
+from diffsolve_studies.digits import run, study, train
+from diffsolve_studies.digits.data import LEVELS, bits_per_pixel, dequantize, load_digits_split
+from diffsolve_studies.digits.evaluate import frechet_distance, log_likelihood
+from diffsolve_studies.digits.images import CoordinateImages, pixel_centres
+from diffsolve_studies.digits.model import NULL_CLASS, DigitsDenoiser
 
 torch.set_num_threads(1)
 
@@ -126,7 +126,7 @@ def test_quick_study_runs_every_method_at_equal_nfe_and_resumes(tmp_path):
     again = run.run_study(cfg, run.QUICK_TRAINING, tmp_path / "out", tmp_path / "cache", progress=False,
                           json_name="digits-quick.json")
     assert {k: r["seconds"] for k, r in again["runs"].items()} == {k: r["seconds"] for k, r in results["runs"].items()}
-    from diffsolve.digits.report import tables
+    from diffsolve_studies.digits.report import tables
     assert "## Equal NFE, mlp" in tables(results)
 
 

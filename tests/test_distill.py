@@ -9,7 +9,7 @@ import diffsolve as ds
 from diffsolve.analytic import EmpiricalDenoiser, GaussianMixture
 from diffsolve.distill import (MSD, SDI, SDS, VSD, AdaptiveBandwidth, ideal_variational, linear_decay,
                                mean_shift_oracle, should_stop)
-from diffsolve.toy.datasets import three_component_mixture as three_components
+from diffsolve_studies.toy.datasets import three_component_mixture as three_components
 
 torch.set_num_threads(1)
 

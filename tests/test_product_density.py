@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import diffsolve as ds
-from diffsolve.toy.datasets import three_component_mixture as mixture
+from diffsolve_studies.toy.datasets import three_component_mixture as mixture
 
 torch.set_num_threads(1)
 N = 20000

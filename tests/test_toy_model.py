@@ -1,14 +1,14 @@
-"""The toy score network (diffsolve.toy.model) and its cached, resumable training (diffsolve.toy.train)."""
+"""The toy score network (diffsolve_studies.toy.model) and its cached, resumable training (diffsolve_studies.toy.train)."""
 import math
 
 import pytest
 import torch
 
 from diffsolve.analytic import GaussianMixture
-from diffsolve.toy import ToyModel, fractal_tree, kde_mixture, toy_models, train_toy_model
-from diffsolve.toy import train as train_mod
-from diffsolve.toy.model import MPLinear, MPSiLU
-from diffsolve.toy.train import MixtureScore, power_function_beta, std_to_exp
+from diffsolve_studies.toy import ToyModel, fractal_tree, kde_mixture, toy_models, train_toy_model
+from diffsolve_studies.toy import train as train_mod
+from diffsolve_studies.toy.model import MPLinear, MPSiLU
+from diffsolve_studies.toy.train import MixtureScore, power_function_beta, std_to_exp
 
 
 @pytest.fixture(autouse=True)

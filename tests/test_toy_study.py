@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from diffsolve.toy import run, study
+from diffsolve_studies.toy import run, study
 
 torch.set_num_threads(1)
 

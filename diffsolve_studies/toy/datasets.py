@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from ..analytic import GaussianMixture
+from diffsolve.analytic import GaussianMixture
 
 ORIGIN = (0.0030, 0.0325)
 SCALE = (1.3136, 1.3844)

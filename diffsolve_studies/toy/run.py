@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, write_json
+from diffsolve._io import atomic_write, write_json
 from . import study
 
 PAPER_KEYS = {"ideal": 0, "learned": 1, "cfg": 2, "autoguidance": 3}
@@ -87,6 +87,12 @@ def _fmt(v, digits=2):
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def paper_tables():
+    """The paper's Tables 1-3 as data (a copy of shared/data/paper_tables.json shipped with the package)."""
+    from importlib.resources import files
+    return json.loads(files("diffsolve_studies").joinpath("data/paper_tables.json").read_text())
+
+
 def markdown_tables(results, paper):
     """Our numbers beside the paper's, one table per data set and metric."""
     lines = []
@@ -146,7 +152,7 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--figures", default="docs/figures")
     p.add_argument("--cache", default=None, help="model cache (default $DIFFSOLVE_CACHE or ~/.cache/diffsolve)")
-    p.add_argument("--paper", default=str(Path(__file__).resolve().parents[2].parent / "shared/data/paper_tables.json"))
+    p.add_argument("--paper", default=None, help="the paper's tables as JSON (default: the copy shipped in diffsolve_studies/data)")
     p.add_argument("--grid", type=int)
     p.add_argument("--n-mc", type=int)
     p.add_argument("--no-progress", action="store_true")
@@ -166,8 +172,9 @@ def main(argv=None):
                       not a.no_progress, landscapes=True)
         results["seconds_total"] = time.perf_counter() - t0
         save_json(Path(a.out) / "toy2d.json", results)
-    if Path(a.paper).exists():
-        md = markdown_tables(results, json.loads(Path(a.paper).read_text()))
+    paper = json.loads(Path(a.paper).read_text()) if a.paper else paper_tables()
+    if paper:
+        md = markdown_tables(results, paper)
         save_text(Path(a.out) / "toy2d.md", md)
         print(md)
     try:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from ..denoisers import append_dims, sigma_rows
+from diffsolve.denoisers import append_dims, sigma_rows
 from .data import CLASSES, PIXELS
 
 NULL_CLASS = CLASSES

@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import metrics
-from ..analytic import EmpiricalDenoiser
-from ..distill import MSD, SDI, SDS, VSD, DenoisingTrainer, ideal_variational, linear_decay
-from ..schedules import sigmas_karras
-from ..solvers import sample_ddim
-from ..transforms import autoguidance, cfg
+from diffsolve import metrics
+from diffsolve.analytic import EmpiricalDenoiser
+from diffsolve.distill import MSD, SDI, SDS, VSD, DenoisingTrainer, ideal_variational, linear_decay
+from diffsolve.schedules import sigmas_karras
+from diffsolve.solvers import sample_ddim
+from diffsolve.transforms import autoguidance, cfg
 from .datasets import fractal_tree, kde_mixture, pinwheel_points, spiral_points
 
 COLUMNS = {"fractal": ("ideal", "learned", "cfg", "autoguidance"), "spiral": ("ideal", "learned"),

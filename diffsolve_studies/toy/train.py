@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._io import atomic_write
-from ..analytic import GaussianMixture
+from diffsolve._io import atomic_write
+from diffsolve.analytic import GaussianMixture
 from .model import ToyModel
 
 __all__ = ["MixtureScore", "power_function_beta", "std_to_exp", "toy_models", "train_toy_model",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write
+from diffsolve._io import atomic_write
 
 
 def _save_figure(fig, path):
@@ -23,7 +23,7 @@ def demo(out_dir="outputs/demo", n=2000, steps=32, seed=0):
         raise SystemExit(f"the demo needs matplotlib (pip install 'diffsolve[bench]'): {e}")
     import diffsolve as ds
     from diffsolve.analytic import EmpiricalDenoiser
-    from diffsolve.toy import fractal_tree
+    from diffsolve_studies.toy import fractal_tree
 
     gen = torch.Generator().manual_seed(seed)
     tree = fractal_tree("A")
@@ -64,7 +64,7 @@ def main(argv=None):
         digits_main(argv[1:])
         return 0
     if argv[:1] == ["t2i"]:  # text-to-2D through Stable Diffusion (diffsolve t2i --help)
-        from .integrations.t2i_cli import main as t2i_main
+        from diffsolve.integrations.t2i_cli import main as t2i_main
         t2i_main(argv[1:])
         return 0
     parser = argparse.ArgumentParser(prog="diffsolve", description=__doc__)

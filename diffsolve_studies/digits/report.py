@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._io import atomic_write
+from diffsolve._io import atomic_write
 
 COLS = (("fd", "FD", "{:.2f}"), ("fd_class", "FD class", "{:.1f}"), ("accuracy", "acc.", "{:.3f}"),
         ("nn_train", "NN train", "{:.2f}"), ("copy_rate", "copies", "{:.3f}"), ("diversity", "diversity", "{:.2f}"),

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from ..schedules import sigmas_karras
+from diffsolve.schedules import sigmas_karras
 from .data import PIXELS, SCALE, bits_per_pixel
 
 # Two dequantisations of one integer image lie sqrt(64 / 6) * 2 / 17 = 0.38 apart on average: a generated

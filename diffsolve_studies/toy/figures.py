@@ -6,7 +6,7 @@ import matplotlib
 import numpy as np
 import torch
 
-from .._io import atomic_write
+from diffsolve._io import atomic_write
 from . import study
 
 matplotlib.use("Agg")

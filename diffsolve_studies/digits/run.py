@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, write_json
+from diffsolve._io import atomic_write, write_json
 from . import study, train
 from .data import dequantize, load_digits_split
 from .evaluate import nll_bpp

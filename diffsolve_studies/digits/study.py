@@ -11,10 +11,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from ..distill import MSD, SDI, SDS, VSD, AdaptiveBandwidth, DenoisingTrainer, should_stop
-from ..schedules import sigmas_karras
-from ..solvers import sample_ddim
-from ..transforms import autoguidance, cfg, limited_interval
+from diffsolve.distill import MSD, SDI, SDS, VSD, AdaptiveBandwidth, DenoisingTrainer, should_stop
+from diffsolve.schedules import sigmas_karras
+from diffsolve.solvers import sample_ddim
+from diffsolve.transforms import autoguidance, cfg, limited_interval
 from .data import CLASSES, PIXELS
 from .evaluate import class_metrics, nll_bpp
 from .images import CoordinateImages, PixelImages
