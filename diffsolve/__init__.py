@@ -8,9 +8,10 @@ from .noise import gaussian_noise, seeded_noise
 from .odeint import sample_odeint
 from .schedules import (append_zero, discrete_timesteps, sigmas_discrete, sigmas_from_alphas_cumprod,
                         sigmas_karras, sigmas_log_uniform)
-from .solvers import (SampleInfo, ancestral_step, sample_ddim, sample_euler, sample_euler_ancestral,
-                      sample_heun)
-from .transforms import (GaussianKernel, Guidance, LimitedInterval, Transform, autoguidance, cfg, compose,
+from .sampling import Past, Run, SampleInfo, Solver, Step, sample
+from .solvers import (DDIM, SOLVERS, DPMpp2M, Euler, Heun, ancestral_step, get_solver, register, sample_ddim,
+                      sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun)
+from .transforms import (Flow, GaussianKernel, Guidance, LimitedInterval, Transform, autoguidance, cfg, compose,
                          gaussian_kernel, limited_interval)
 
 from ._version import __version__

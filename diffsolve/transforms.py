@@ -1,10 +1,15 @@
 """Score-term transforms: each wraps a denoiser and returns a denoiser, so they stack in any order.
 
-A transform may also have an exact-flow face (`has_flow`): a linear stiff term that the solver
-integrates exactly after each model step (split / exponential integration, paper eq. 14-15) instead
-of feeding it to the explicit integrator. `compose` builds the denoiser from an ordered list; the
-solvers apply the flows. Guidance is linear in the denoiser, so combining denoisers equals combining
-noise predictions or scores at the same x and sigma.
+A transform may also carry exact flows (`flows()`): linear stiff terms that the sampling loop integrates
+exactly around each model step (split / exponential integration, paper eq. 14-15) instead of feeding them
+to the explicit integrator. Each `Flow` carries its own splitting ("lie" or "strang"), and wrappers such
+as `LimitedInterval` pass it on. `compose` builds the denoiser of one run from an ordered list; the loop
+(diffsolve.sampling) applies the flows. Guidance is linear in the denoiser, so combining denoisers equals
+combining noise predictions or scores at the same x and sigma.
+
+Per-run state (model-call counts, the unconditional prediction of the latest evaluation, the state of a
+stateful transform) lives in the `Run` that `wrap` receives: a new one for every sampling call and every
+distiller gradient, so nothing leaks between calls.
 """
 import math
 
@@ -13,32 +18,82 @@ import torch
 from ._checks import check_like, check_positive
 from .denoisers import append_dims, sigma_rows
 
+__all__ = ["CONVENTIONS", "FLOWS", "KERNEL_FACES", "SPLITTINGS", "Flow", "GaussianKernel", "Guidance",
+           "IntervalFlow", "LimitedInterval", "Run", "SampleInfo", "Transform", "autoguidance", "cfg", "compose",
+           "gaussian_kernel", "limited_interval"]
+
 CONVENTIONS = ("diffusers", "paper")
+SPLITTINGS = ("lie", "strang")
 
 
-def _identity(model):
-    return model
+class SampleInfo:
+    """What a run cost: network evaluations (a batched CFG call of twice the batch counts 2) and steps."""
+
+    def __init__(self, nfe=0.0, steps=0):
+        self.nfe, self.steps = nfe, steps
+
+    def __repr__(self):
+        return f"SampleInfo(nfe={self.nfe}, steps={self.steps})"
+
+
+class Run:
+    """The state of one sampling call or one distiller gradient.
+
+    `count(model)` counts a model's evaluations into `info.nfe` in units of `batch` rows; `uncond` is the
+    unconditional prediction of the latest guided evaluation (set by guidance transforms, read by steps that
+    renoise with it, e.g. CFG++); `state` is a dict where stateful transforms keep what lives across steps.
+    """
+
+    def __init__(self, batch, info=None):
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.batch, self.info = batch, SampleInfo() if info is None else info
+        self.uncond, self.state = None, {}
+
+    def count(self, model):
+        def counted(x, sigma, **cond):
+            self.info.nfe += x.shape[0] / self.batch
+            return model(x, sigma, **cond)
+        return counted
+
+
+class Flow:
+    """An exact flow of a linear term, applied by the loop: `splitting` says where ("lie": after the
+    step; "strang": half before, half after). `apply(x, sigma, sigma_next, drift)` integrates the term
+    from sigma to sigma_next; `drift` is the factor by which the step's score drift exceeds the
+    probability-flow ODE's over this interval (1 for ODE steps, 1 + eta**2 for DDIM / ancestral eta,
+    1 + eta for DPM-Solver++ SDE steps; `Solver.drift` reports it). The map must be affine in x: the loop
+    applies it to a multistep solver's stored points too."""
+
+    splitting = "lie"
+
+    def apply(self, x, sigma, sigma_next, drift=1.0):
+        raise NotImplementedError
 
 
 class Transform:
-    """Base: `wrap(model, count)` returns a denoiser; `count(m)` counts the evaluations of any extra model."""
+    """Base: `wrap(model, run)` returns the denoiser of one run; `flows()` lists its exact flows;
+    `renoises_with_uncond` says the step must renoise with the unconditional prediction (CFG++), which
+    only solvers that split data and noise can do."""
 
-    has_flow = False
+    renoises_with_uncond = False
 
-    def wrap(self, model, count=_identity):
+    def wrap(self, model, run):
         return model
 
-    def flow(self, x, sigma, sigma_next, eta=0.0):
-        return x
+    def flows(self):
+        return []
 
 
-def compose(model, transforms=(), count=_identity):
-    """Apply `transforms` in order (the first wraps the model directly); return (denoiser, flow transforms)."""
+def compose(model, transforms=(), run=None):
+    """Apply `transforms` in order (the first wraps the model directly) for one `run` (a fresh one with
+    batch 1 when None); return (denoiser, flows)."""
+    run = Run(1) if run is None else run
     for t in transforms:
         if not isinstance(t, Transform):
             raise ValueError(f"transforms must be diffsolve Transform objects, got {t!r}")
-        model = t.wrap(model, count)
-    return model, [t for t in transforms if t.has_flow]
+        model = t.wrap(model, run)
+    return model, [f for t in transforms for f in t.flows()]
 
 
 def _guidance_scale(scale, convention):
@@ -50,13 +105,23 @@ def _guidance_scale(scale, convention):
     return float(scale) if convention == "diffusers" else 1.0 + float(scale)
 
 
-def _cat_cond(uncond, cond):
-    """Batch [uncond, cond] keyword arguments along dim 0 (diffusers' order); non-tensors must agree."""
+def _rows(value, batch, key, side):
+    """A condition tensor with `batch` rows: batch-1 tensors are expanded, other sizes refused."""
+    if value.ndim == 0 or value.shape[0] == batch:
+        return value
+    if value.shape[0] == 1:
+        return value.expand(batch, *value.shape[1:])
+    raise ValueError(f"{side} condition {key!r} has batch {value.shape[0]} but x has batch {batch}")
+
+
+def _cat_cond(uncond, cond, batch):
+    """Batch [uncond, cond] keyword arguments along dim 0 (diffusers' order), each expanded to `batch` rows
+    first; non-tensors must agree."""
     out = {}
     for key in cond.keys() | uncond.keys():
         u, c = uncond.get(key, cond.get(key)), cond.get(key, uncond.get(key))
-        if isinstance(c, torch.Tensor):
-            out[key] = torch.cat([u, c])
+        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
+            out[key] = torch.cat([_rows(u, batch, key, "uncond"), _rows(c, batch, key, "cond")])
         elif u != c:
             raise ValueError(f"cannot batch non-tensor condition {key!r}: uncond {u!r} != cond {c!r}")
         else:
@@ -78,18 +143,19 @@ class Guidance(Transform):
         self.s = _guidance_scale(scale, convention)
         self.uncond, self.guide, self.batched = uncond, guide, batched
 
-    def wrap(self, model, count=_identity):
+    def wrap(self, model, run):
         s, uncond = self.s, self.uncond
-        guide = count(self.guide) if self.guide is not None else None
+        guide = run.count(self.guide) if self.guide is not None else None
 
         def guided(x, sigma, **cond):
             if guide is not None:
                 d_c, d_u = model(x, sigma, **cond), guide(x, sigma, **cond)
             elif self.batched:
                 sigma2 = sigma_rows(sigma, x).repeat(2)
-                d_u, d_c = model(torch.cat([x, x]), sigma2, **_cat_cond(uncond, cond)).chunk(2)
+                d_u, d_c = model(torch.cat([x, x]), sigma2, **_cat_cond(uncond, cond, x.shape[0])).chunk(2)
             else:
                 d_c, d_u = model(x, sigma, **cond), model(x, sigma, **{**cond, **uncond})
+            run.uncond = d_u
             return torch.lerp(d_u, d_c, s) if d_u.dtype == d_c.dtype else d_u + s * (d_c - d_u)
         return guided
 
@@ -104,9 +170,22 @@ def autoguidance(guide, scale, convention="diffusers"):
     return Guidance(scale, guide=guide, convention=convention)
 
 
+class IntervalFlow(Flow):
+    """`inner` integrated over the part of each step that lies in (lo, hi]; its splitting is kept."""
+
+    def __init__(self, inner, lo, hi):
+        self.inner, self.lo, self.hi = inner, lo, hi
+        self.splitting = inner.splitting
+
+    def apply(self, x, sigma, sigma_next, drift=1.0):
+        hi, lo = min(sigma, self.hi), max(sigma_next, self.lo)
+        return self.inner.apply(x, hi, lo, drift) if hi > lo else x
+
+
 class LimitedInterval(Transform):
     """Apply `inner` only where sigma_lo < sigma <= sigma_hi (Kynkäänniemi et al. 2024), decided per
-    evaluation (per row when sigma is per row); its exact flow is integrated over the overlap only."""
+    evaluation (per row when sigma is per row); its exact flows are integrated over the overlap only, each
+    with its own splitting."""
 
     def __init__(self, inner, sigma_lo=0.0, sigma_hi=math.inf):
         if not isinstance(inner, Transform):
@@ -114,13 +193,16 @@ class LimitedInterval(Transform):
         if not 0 <= sigma_lo < sigma_hi:
             raise ValueError(f"need 0 <= sigma_lo < sigma_hi, got sigma_lo={sigma_lo}, sigma_hi={sigma_hi}")
         self.inner, self.lo, self.hi = inner, float(sigma_lo), float(sigma_hi)
-        self.has_flow = inner.has_flow
+        self.renoises_with_uncond = inner.renoises_with_uncond
 
     def active(self, sigma):
         return (sigma > self.lo) & (sigma <= self.hi)
 
-    def wrap(self, model, count=_identity):
-        inner = self.inner.wrap(model, count)
+    def flows(self):
+        return [IntervalFlow(f, self.lo, self.hi) for f in self.inner.flows()]
+
+    def wrap(self, model, run):
+        inner = self.inner.wrap(model, run)
 
         def limited(x, sigma, **cond):
             if not isinstance(sigma, torch.Tensor) or sigma.ndim == 0:
@@ -133,10 +215,6 @@ class LimitedInterval(Transform):
             return torch.where(append_dims(mask, x.ndim), inner(x, sigma, **cond), model(x, sigma, **cond))
         return limited
 
-    def flow(self, x, sigma, sigma_next, eta=0.0):
-        hi, lo = min(sigma, self.hi), max(sigma_next, self.lo)
-        return self.inner.flow(x, hi, lo, eta) if hi > lo else x
-
 
 def limited_interval(inner, sigma_lo=0.0, sigma_hi=math.inf):
     """`inner` active only for sigma in (sigma_lo, sigma_hi]."""
@@ -147,7 +225,7 @@ KERNEL_FACES = ("score", "split")
 FLOWS = ("matched", "literal")
 
 
-class GaussianKernel(Transform):
+class GaussianKernel(Transform, Flow):
     """The product-density term of mean-shift distillation (paper eq. 9, 12; faces of eq. 14-15).
 
     The kernel G(u) = exp(-|u|**2 / lambda**2) has standard deviation lambda / sqrt(2) and score
@@ -155,11 +233,12 @@ class GaussianKernel(Transform):
     paper's lambda unless `bandwidth_is="std"`. Faces:
       - "score": explicit, D' = D + sigma**2 * 2 (c - z) / lambda**2; stable only while
         sigma |dsigma| / lambda**2 <= 1 under Euler.
-      - "split": the model is integrated alone and the solver applies the exact kernel flow
+      - "split": the model is integrated alone and the loop applies the exact kernel flow
         z <- c + (z - c) exp(-k (sigma**2 - sigma_next**2) / lambda**2) after each step (Lie) or in
-        two halves around it (Strang, second order with Heun). flow="matched" uses k = 1 + eta**2, the
-        drift a stochastic step of parameter eta gives the score face, so both faces target one chain;
-        flow="literal" uses k = 1 whatever eta (eq. 15 read literally after a stochastic step).
+        two halves around it (Strang, second order with a second-order solver). flow="matched" uses
+        k = the step's drift (1 + eta**2 for DDIM eta, what churn adds, 1 + eta for DPM++ SDE steps), so
+        that both faces target one chain; flow="literal" uses k = 1 whatever the step (eq. 15 read
+        literally after a stochastic step).
     `center` is a tensor like x, or a callable sigma -> tensor (the noised / inverted centre of paper
     §4.3), taken at the evaluation's sigma in the score face and at the end of each flow in the split
     face (so the split is first order whatever the solver). Factors are computed in float64 / float32:
@@ -172,20 +251,22 @@ class GaussianKernel(Transform):
             raise ValueError(f"bandwidth_is must be 'lambda' or 'std', got {bandwidth_is!r}")
         if face not in KERNEL_FACES:
             raise ValueError(f"face must be one of {KERNEL_FACES}, got {face!r}")
-        if splitting not in ("lie", "strang"):
-            raise ValueError(f"splitting must be 'lie' or 'strang', got {splitting!r}")
+        if splitting not in SPLITTINGS:
+            raise ValueError(f"splitting must be one of {SPLITTINGS}, got {splitting!r}")
         if flow not in FLOWS:
             raise ValueError(f"flow must be one of {FLOWS}, got {flow!r}")
         check_positive(bandwidth, "bandwidth")
         lam = bandwidth * math.sqrt(2) if bandwidth_is == "std" else bandwidth
         self.lam2 = lam ** 2 if not isinstance(lam, torch.Tensor) else lam.to(torch.float64) ** 2
         self.center, self.face, self.splitting, self.flow_kind = center, face, splitting, flow
-        self.has_flow = face == "split"
 
     @property
     def bandwidth(self):
         """The paper's lambda."""
         return self.lam2 ** 0.5
+
+    def flows(self):
+        return [self] if self.face == "split" else []
 
     def center_at(self, sigma, x):
         c = self.center(sigma) if callable(self.center) else self.center
@@ -207,7 +288,7 @@ class GaussianKernel(Transform):
         c = self.center_at(sigma, z)
         return 2 * (c.to(wide) - z.to(wide)) / self._per_row(self.lam2, z)
 
-    def wrap(self, model, count=_identity):
+    def wrap(self, model, run):
         if self.face == "split":
             return model
 
@@ -217,26 +298,29 @@ class GaussianKernel(Transform):
             return (d.to(torch.promote_types(d.dtype, torch.float32)) + s2 * self.score(x, sigma))
         return kernel_guided
 
-    def factor(self, sigma, sigma_next, eta=0.0):
+    def exponent_scale(self, drift=1.0):
+        """k of the flow factor: the step's drift for the matched flow, 1 for the literal one."""
+        return float(drift) if self.flow_kind == "matched" else 1.0
+
+    def factor(self, sigma, sigma_next, drift=1.0):
         """exp(-k (sigma**2 - sigma_next**2) / lambda**2), computed in float64."""
-        k = 1.0 + eta ** 2 if self.flow_kind == "matched" else 1.0
-        a = k * (sigma ** 2 - sigma_next ** 2) / self.lam2
+        a = self.exponent_scale(drift) * (sigma ** 2 - sigma_next ** 2) / self.lam2
         return math.exp(-a) if not isinstance(a, torch.Tensor) else torch.exp(-a)
 
-    def flow(self, x, sigma, sigma_next, eta=0.0):
-        """Exact solution of dz/dsigma = 2 sigma (z - c) / lambda**2 from sigma to sigma_next."""
+    def apply(self, x, sigma, sigma_next, drift=1.0):
+        """Exact solution of dz/dsigma = 2 k sigma (z - c) / lambda**2 from sigma to sigma_next."""
         c = self.center_at(sigma_next, x)
-        f = self._per_row(self.factor(sigma, sigma_next, eta), x)
+        f = self._per_row(self.factor(sigma, sigma_next, drift), x)
         if isinstance(f, torch.Tensor):
             return (c + (x - c) * f).to(x.dtype)
         return torch.lerp(c, x, f)
 
-    def first_useful_step(self, sigmas, eta=0.0, tol=1e-6):
+    def first_useful_step(self, sigmas, drift=1.0, tol=1e-6):
         """Index of the first step whose kernel factor exceeds `tol`: earlier steps reset z to c and only
         waste their model call, so a kernel chain should start there."""
         sig = [float(s) for s in sigmas]
         lam2_max = float(torch.as_tensor(self.lam2).max())
-        k = 1.0 + eta ** 2 if self.flow_kind == "matched" else 1.0
+        k = self.exponent_scale(drift)
         for i in range(len(sig) - 1):
             if math.exp(-k * (sig[i] ** 2 - sig[i + 1] ** 2) / lam2_max) > tol:
                 return i

@@ -76,5 +76,5 @@ def test_limited_interval_is_identity_outside_per_evaluation():
     kernel = ds.limited_interval(ds.gaussian_kernel(torch.zeros(4, 3), 1.0, face="split"), 0.5, 2.0)
     z = torch.ones(4, 3, dtype=torch.float64)
     kernel.inner.center = torch.zeros_like(z)
-    torch.testing.assert_close(kernel.flow(z, 3.0, 2.5), z)
-    torch.testing.assert_close(kernel.flow(z, 3.0, 1.0), z * math.exp(-(4.0 - 1.0)))
+    torch.testing.assert_close(kernel.flows()[0].apply(z, 3.0, 2.5), z)
+    torch.testing.assert_close(kernel.flows()[0].apply(z, 3.0, 1.0), z * math.exp(-(4.0 - 1.0)))

@@ -4,31 +4,56 @@ The exact mean-shift iterate for the kernel G = exp(-|u|^2 / lambda^2) is the po
 noise level s = lambda / sqrt(2): x' = D(x; s) (Tweedie). Three ways to sample / estimate it:
   - "kernel": the paper's chain. The solver runs from x + sigma_max n to 0 with the Gaussian-kernel
     term (explicit "score" face, eq. 12, or exact "split" face, eq. 14-15) centred on x.
-  - "posterior": the reverse SDE (eta = 1) started at z = x at sigma = s, which samples the product
-    exactly with the exact denoiser, using only the steps below s.
+  - "posterior": the reverse SDE started at z = x at sigma = s, which samples the product exactly with
+    the exact denoiser, using only the steps below s; any reverse-SDE solver (drift 2: DDIM / ancestral
+    eta = 1, DPM++ SDE eta = 1, ...).
   - "one_call": the expected gradient x - D(x; s) itself: one model call, zero variance.
 """
+import inspect
 import math
 
 import torch
 
-from ..noise import gaussian_noise
-from ..schedules import sigmas_karras
 from ..denoisers import append_dims
-from ..solvers import SampleInfo, sample_ddim, sample_heun
-from ..transforms import GaussianKernel, LimitedInterval
+from ..sampling import Solver, sample
+from ..schedules import sigmas_karras
+from ..solvers import solver_factory
+from ..transforms import FLOWS, KERNEL_FACES, SPLITTINGS, GaussianKernel, LimitedInterval
 from .base import Distiller, euler_inversion
+
+__all__ = ["CENTERS", "MSD", "SAMPLERS", "mean_shift_oracle"]
 
 SAMPLERS = ("kernel", "posterior", "one_call")
 CENTERS = ("iterate", "noised", "inverted")
-SOLVERS = {"ddim": sample_ddim, "heun": sample_heun}
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _solver(solver, eta):
+    """A Solver from an instance or a registry name; `eta` goes to names whose factory takes it."""
+    if isinstance(solver, Solver):
+        return solver
+    factory = solver_factory(solver)
+    return factory(**({"eta": eta} if "eta" in inspect.signature(factory).parameters else {}))
+
+
+def is_reverse_sde(solver):
+    """True when `solver` is stochastic with drift 2 (eta = 1): the reverse SDE the posterior chain needs."""
+    return solver.stochastic and abs(solver.drift([2.0, 1.0, 0.0], 0) - 2.0) < 1e-12
 
 
 class MSD(Distiller):
     """Mean-shift distillation as a gradient provider (a drop-in for SDS).
 
     bandwidth: the paper's lambda (or the kernel's std with bandwidth_is="std"); set `self.bandwidth`
-    between steps, or pass `bandwidth=` to grad (see diffsolve.distill.bandwidth for schedules).
+    between steps, pass `bandwidth=` to grad, or give `schedule(step, mean_shift_norm) -> lambda`, which
+    `on_step` applies (see diffsolve.distill.bandwidth).
+    solver: a `Solver` or a registry name ("ddim", "heun", "dpmpp_2m_sde", ...); `eta` goes to names that
+    take it (the kernel chain's DDIM eta; the posterior chain needs the reverse SDE and uses eta = 1).
     n_samples: product samples averaged per point (eq. 10); the paper uses 1 on Stable Diffusion.
     center: "iterate" (x), "noised" (x + sigma n_c, fixed n_c per chain) or "inverted" (x carried up
     the grid by deterministic DDIM inversion), the §4.3 heuristic; taken at sigma_next per step.
@@ -37,98 +62,133 @@ class MSD(Distiller):
     sigma_max (the product is then close to the prior there) and `self.clipped` says so.
     """
 
+    name = "MSD"
+
     def __init__(self, model, bandwidth=0.316, *, sampler="kernel", steps=32, sigma_min=0.002, sigma_max=5.0,
                  rho=7.0, solver="ddim", eta=1.0, face="split", splitting="lie", flow="matched", n_samples=1,
-                 center="iterate", kernel_interval=None, skip_tol=1e-6, bandwidth_is="lambda", transforms=(),
-                 extra_args=None):
+                 center="iterate", kernel_interval=None, skip_tol=1e-6, bandwidth_is="lambda", schedule=None,
+                 transforms=(), extra_args=None):
         super().__init__(model, transforms, extra_args)
-        for name, value, allowed in (("sampler", sampler, SAMPLERS), ("center", center, CENTERS),
-                                     ("solver", solver, tuple(SOLVERS))):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.sampler, self.center = _choice("sampler", sampler, SAMPLERS), _choice("center", center, CENTERS)
+        self.face, self.splitting = _choice("face", face, KERNEL_FACES), _choice("splitting", splitting, SPLITTINGS)
+        self.flow, self.bandwidth_is = _choice("flow", flow, FLOWS), _choice("bandwidth_is", bandwidth_is,
+                                                                             ("lambda", "std"))
         if int(n_samples) != n_samples or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
-        if bandwidth_is not in ("lambda", "std"):
-            raise ValueError(f"bandwidth_is must be 'lambda' or 'std', got {bandwidth_is!r}")
-        GaussianKernel(torch.zeros(1), bandwidth, face=face, splitting=splitting, flow=flow)  # validates
-        self.bandwidth, self.bandwidth_is = bandwidth, bandwidth_is
-        self.sampler, self.steps, self.sigma_min, self.sigma_max, self.rho = sampler, steps, sigma_min, sigma_max, rho
-        self.solver, self.eta, self.face, self.splitting, self.flow = solver, eta, face, splitting, flow
-        self.n_samples, self.center, self.kernel_interval, self.skip_tol = int(n_samples), center, kernel_interval, skip_tol
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps}")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if kernel_interval is not None and not 0 <= kernel_interval[0] < kernel_interval[1]:
+            raise ValueError(f"kernel_interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {kernel_interval}")
+        self.bandwidth = self._check_bandwidth(bandwidth)
+        self.solver = _solver(solver, 1.0 if sampler == "posterior" and isinstance(solver, str) else eta)
+        if sampler == "posterior" and not is_reverse_sde(self.solver):
+            raise ValueError(f"the posterior sampler is the reverse SDE: it needs a stochastic solver with eta = 1 "
+                             f"(drift 2), got {self.solver!r}")
+        if sampler == "kernel" and face == "split" and not self.solver.applies_flows:
+            raise ValueError(f"face='split' needs a solver that applies exact flows; {self.solver!r} does not")
+        self.steps, self.sigma_min, self.sigma_max, self.rho = int(steps), sigma_min, sigma_max, rho
+        self.eta, self.n_samples, self.kernel_interval, self.skip_tol = eta, int(n_samples), kernel_interval, skip_tol
+        self.schedule = schedule
         self.clipped = False
         self.mean_shift_norm = None  # per-point |m| = |mean(y) - x| of the last grad call
 
+    @staticmethod
+    def _check_bandwidth(bandwidth):
+        if not (isinstance(bandwidth, (int, float)) and math.isfinite(bandwidth) and bandwidth > 0):
+            raise ValueError(f"bandwidth must be a finite number > 0, got {bandwidth!r}")
+        return float(bandwidth)
+
+    def on_step(self, step, x=None, generator=None):
+        """Apply the bandwidth schedule (if any) for this step, fed the last mean |m|."""
+        super().on_step(step, x, generator)
+        if self.schedule is not None:
+            norm = None if self.mean_shift_norm is None else float(self.mean_shift_norm.mean())
+            self.bandwidth = self._check_bandwidth(self.schedule(self.step, norm))
+
     def lam(self, bandwidth=None):
-        b = self.bandwidth if bandwidth is None else bandwidth
+        b = self.bandwidth if bandwidth is None else self._check_bandwidth(bandwidth)
         return b * math.sqrt(2) if self.bandwidth_is == "std" else b
 
-    def _grad(self, x, generator, info, bandwidth=None):
-        y = self.sample_product(x, generator, bandwidth, info)
+    def _grad(self, x, call, bandwidth=None):
+        y = self._sample(x, call, bandwidth)
         m = y.mean(1) - x
         self.mean_shift_norm = m.flatten(1).norm(dim=1)
         return -m
 
     @torch.no_grad()
-    def sample_product(self, x, generator=None, bandwidth=None, info=None):
-        """Samples y of the product density for each point: shape [B, N, ...] (N = 1 for one_call)."""
+    def sample_product(self, x, generator=None, bandwidth=None, *, seed=None):
+        """Samples y of the product density for each point: shape [B, N, ...] (N = 1 for one_call); not
+        counted into `nfe`."""
+        from .base import Call, Draws
+        return self._sample(x, Call(self, x, Draws(generator, seed), None, None), bandwidth)
+
+    def _sample(self, x, call, bandwidth):
         lam = self.lam(bandwidth)
         s = lam / math.sqrt(2)
         self.clipped = s > self.sigma_max
-        info = info if info is not None else SampleInfo()
         if self.sampler == "one_call":
-            den = self.denoiser(x.shape[0], info)
-            return den(x, min(s, self.sigma_max) * x.new_ones(x.shape[0]), **self.extra_args).to(x.dtype)[:, None]
+            d = call.denoiser()(x, min(s, self.sigma_max) * x.new_ones(x.shape[0]), **call.extra_args)
+            return d.to(x.dtype)[:, None]
         n = self.n_samples
         xs = x.repeat_interleave(n, 0)
-        extra = self.extra(n)
+        draws = call.draws.repeated(n)
         if self.sampler == "posterior":
-            sigmas = sigmas_karras(self.steps, self.sigma_min, min(s, self.sigma_max)) \
-                if min(s, self.sigma_max) > self.sigma_min else torch.tensor([min(s, self.sigma_max), 0.0])
-            y, run = SOLVERS[self.solver](self.model, xs.clone(), sigmas, extra, disable=True, transforms=self.transforms,
-                                          noise_sampler=gaussian_noise(xs, generator), return_info=True,
-                                          **({"eta": 1.0} if self.solver == "ddim" else {}))
+            top = min(s, self.sigma_max)
+            sigmas = sigmas_karras(self.steps, self.sigma_min, top) if top > self.sigma_min \
+                else torch.tensor([top, 0.0], dtype=torch.float64)
+            y, run = sample(self.solver, self.checked(self.model), xs.clone(), sigmas, call.extra(n), disable=True,
+                            transforms=call.transforms, noise_sampler=draws.noise_sampler(xs), return_info=True)
         else:
-            y, run = self._kernel_chain(xs, lam, extra, generator, info)
-        info.nfe += run.nfe * n
+            y, run = self._kernel_chain(xs, lam, call, draws)
+        call.run.info.nfe += run.nfe * n
         return y.reshape((x.shape[0], n) + x.shape[1:])
 
-    def _kernel_chain(self, xs, lam, extra, generator, info):
+    def _kernel_chain(self, xs, lam, call, draws):
         sigmas = sigmas_karras(self.steps, self.sigma_min, self.sigma_max, self.rho)
-        center = self._center(xs, sigmas, generator, info)
+        center = self._center(xs, sigmas, call, draws)
         kernel = GaussianKernel(center, lam, face=self.face, splitting=self.splitting, flow=self.flow)
-        eta = self.eta if self.solver == "ddim" else 0.0
         start = 0
         if self.face == "split" and self.kernel_interval is None and self.skip_tol > 0:
-            start = min(kernel.first_useful_step(sigmas, eta, self.skip_tol), len(sigmas) - 2)
+            drift = self.solver.drift([float(v) for v in sigmas], 0)
+            start = min(kernel.first_useful_step(sigmas, drift, self.skip_tol), len(sigmas) - 2)
         sigmas = sigmas[start:]  # earlier steps contract z onto the centre: start there, skip their model calls
         z = kernel.center_at(float(sigmas[0]), xs).clone()
         if start == 0 and self.center == "iterate":  # the paper's start x + sigma_max n (a moving centre is noisy)
-            z += float(sigmas[0]) * torch.randn(xs.shape, generator=generator, dtype=xs.dtype).to(xs.device)
+            z += float(sigmas[0]) * draws.randn(xs)
         term = kernel if self.kernel_interval is None else LimitedInterval(kernel, *self.kernel_interval)
-        kw = {"eta": eta} if self.solver == "ddim" else {}
-        return SOLVERS[self.solver](self.model, z, sigmas, extra, disable=True, transforms=[*self.transforms, term],
-                                    noise_sampler=gaussian_noise(z, generator), return_info=True, **kw)
+        return sample(self.solver, self.checked(self.model), z, sigmas, call.extra(self.n_samples), disable=True,
+                      transforms=[*call.transforms, term], noise_sampler=draws.noise_sampler(z), return_info=True)
 
-    def _center(self, xs, sigmas, generator, info):
+    def _center(self, xs, sigmas, call, draws):
         if self.center == "iterate":
             return xs
         if self.center == "noised":
-            n_c = torch.randn(xs.shape, generator=generator, dtype=xs.dtype).to(xs.device)
+            n_c = draws.randn(xs)
             return lambda sigma: xs + append_dims(torch.as_tensor(sigma, dtype=xs.dtype, device=xs.device), xs.ndim) * n_c
-        return self._inversion(xs, sigmas, info)
+        return self._inversion(xs, sigmas, call)
 
-    def _inversion(self, xs, sigmas, info):
+    def _inversion(self, xs, sigmas, call):
         """Deterministic DDIM (Euler) inversion of x up the grid; centre(sigma) looks the level up."""
-        den = self.denoiser(xs.shape[0] // self.n_samples, info)
+        den = self._counted_in(call, xs.shape[0] // self.n_samples)
         sig = [float(v) for v in sigmas]
         up = sig[-2::-1]  # ascending from the smallest positive sigma
-        trajectory = dict(zip(up, euler_inversion(den, xs, up, self.extra(self.n_samples))))
+        trajectory = dict(zip(up, euler_inversion(den, xs, up, call.extra(self.n_samples))))
         trajectory[sig[-1]] = xs
 
         def center(sigma):  # the solver evaluates every row at one sigma; Strang's midpoints take the nearest level
             level = float(torch.as_tensor(sigma).flatten()[0])
             return trajectory[min(trajectory, key=lambda k: abs(k - level))]
         return center
+
+    def _counted_in(self, call, batch):
+        """The call's guided denoiser, its evaluations counted in units of `batch` rows."""
+        from ..sampling import Run, run_denoiser
+        run = Run(batch, call.run.info)
+        return run_denoiser(self.checked(self.model), call.transforms, run)[0]
 
 
 def mean_shift_oracle(density, x, bandwidth, bandwidth_is="lambda"):

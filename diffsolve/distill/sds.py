@@ -1,8 +1,8 @@
 """Score distillation sampling (Poole et al. 2022; paper eq. 1) in VE coordinates."""
-import torch
-
 from ..denoisers import append_dims
 from .base import NoisyDistiller
+
+__all__ = ["SDS"]
 
 
 class SDS(NoisyDistiller):
@@ -13,14 +13,16 @@ class SDS(NoisyDistiller):
     One model evaluation per call (two with guidance).
     """
 
+    name = "SDS"
+
     def __init__(self, model, *, control_variate=True, **kw):
         super().__init__(model, **kw)
-        self.control_variate = control_variate
+        self.control_variate = bool(control_variate)
 
-    def _grad(self, x, generator, info):
-        sigma = self.draw_sigma(x, generator)
-        n = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    def _grad(self, x, call):
+        sigma = self.draw_sigma(x, call)
+        n = call.draws.randn(x)
         s = append_dims(sigma, x.ndim)
         z = x + s * n
-        eps = (z - self.denoiser(x.shape[0], info)(z, sigma, **self.extra_args).to(x.dtype)) / s
+        eps = (z - call.denoiser()(z, sigma, **call.extra_args).to(x.dtype)) / s
         return self.weighted(sigma, eps - n if self.control_variate else eps)

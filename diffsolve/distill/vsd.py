@@ -10,24 +10,37 @@ import torch
 from ..denoisers import append_dims
 from .base import NoisyDistiller
 
+__all__ = ["DenoisingTrainer", "VSD", "ideal_variational"]
+
 
 class VSD(NoisyDistiller):
-    """`variational` is a denoiser; call `update(particles)` after each optimisation step to refit it,
-    through `variational_update(particles, generator)` (a `DenoisingTrainer`, or `ideal_variational` for
-    the ideal column), which returns the new variational denoiser. Two model evaluations per call
-    (three with CFG on the pretrained model), the variational fit not counted."""
+    """`variational` is a denoiser; it is refitted to the particles at each optimisation step (`on_step`,
+    or `update(particles)`) through `variational_update(particles, generator)` (a `DenoisingTrainer`, or
+    `ideal_variational` for the ideal column), which returns the new variational denoiser. Two model
+    evaluations per call (three with CFG on the pretrained model), the variational fit not counted."""
+
+    name = "VSD"
 
     def __init__(self, model, variational, *, variational_update=None, **kw):
         super().__init__(model, **kw)
         self.variational, self.variational_update = variational, variational_update
 
-    def _grad(self, x, generator, info):
-        sigma = self.draw_sigma(x, generator)
-        n = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    def on_step(self, step, x=None, generator=None):
+        """Refit the variational denoiser to the particles x before the step's gradient."""
+        super().on_step(step, x, generator)
+        if x is not None:
+            self.update(x, generator)
+
+    def _grad(self, x, call):
+        if self.variational is None:
+            raise ValueError("VSD has no variational denoiser yet: pass `variational=` or call on_step / update "
+                             "with the particles first")
+        sigma = self.draw_sigma(x, call)
+        n = call.draws.randn(x)
         s = append_dims(sigma, x.ndim)
         z = x + s * n
-        d_pre = self.denoiser(x.shape[0], info)(z, sigma, **self.extra_args).to(x.dtype)
-        d_phi = self.denoiser(x.shape[0], info, transforms=(), model=self.variational)(z, sigma).to(x.dtype)
+        d_pre = call.denoiser()(z, sigma, **call.extra_args).to(x.dtype)
+        d_phi = call.denoiser(transforms=(), model=self.variational)(z, sigma).to(x.dtype)
         return self.weighted(sigma, (d_phi - d_pre) / s)
 
     def update(self, particles, generator=None):
