@@ -9,8 +9,7 @@ from .odeint import sample_odeint
 from .schedules import (append_zero, discrete_timesteps, sigmas_discrete, sigmas_from_alphas_cumprod,
                         sigmas_karras, sigmas_log_uniform)
 from .sampling import Past, Run, SampleInfo, Solver, Step, sample
-from .solvers import (DDIM, SOLVERS, DPMpp2M, Euler, Heun, ancestral_step, get_solver, register, sample_ddim,
-                      sample_dpmpp_2m, sample_euler, sample_euler_ancestral, sample_heun)
+from .solvers import *  # noqa: F401,F403  (every Solver class, sample_<name> function and the registry)
 from .transforms import (Flow, GaussianKernel, Guidance, LimitedInterval, Transform, autoguidance, cfg, compose,
                          gaussian_kernel, limited_interval)
 

@@ -1,46 +1,16 @@
-"""The solvers, each a `diffsolve.sampling.Solver` on the one loop, and a registry that takes the names
-as k-diffusion (`sample_dpmpp_2m`) and ComfyUI (`dpmpp_2m`) spell them."""
+"""The solvers, each a `diffsolve.sampling.Solver` on the one loop, registered under the names k-diffusion
+(`sample_dpmpp_2m`) and ComfyUI (`dpmpp_2m`) use. Each family module registers its own solvers."""
 from ..odeint import Odeint, sample_odeint
-from ..sampling import Solver
-from .dpmpp import DPMpp2M, sample_dpmpp_2m
-from .euler import (DDIM, Euler, Heun, ancestral_step, churn_sigma, sample_ddim, sample_euler,
-                    sample_euler_ancestral, sample_heun)
+from .registry import SOLVERS, get_solver, register, solver_factory
+from .euler import *  # noqa: F401,F403
+from .dpmpp import *  # noqa: F401,F403
+from .singlestep import *  # noqa: F401,F403
+from .multistep import *  # noqa: F401,F403
+from .unipc import *  # noqa: F401,F403
+from .lcm import *  # noqa: F401,F403
+from . import dpmpp, euler, lcm, multistep, singlestep, unipc
 
-__all__ = ["DDIM", "DPMpp2M", "Euler", "Heun", "Odeint", "SOLVERS", "sample_odeint", "solver_factory", "ancestral_step", "churn_sigma", "get_solver",
-           "register", "sample_ddim", "sample_dpmpp_2m", "sample_euler", "sample_euler_ancestral", "sample_heun"]
+register("odeint", Odeint)
 
-SOLVERS = {}
-
-
-def register(name, factory):
-    """Register `factory(**params) -> Solver` under `name` (ComfyUI's spelling; `sample_<name>` also resolves)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a solver name must be a non-empty string, got {name!r}")
-    SOLVERS[name] = factory
-    return factory
-
-
-for _name, _factory in (("euler", Euler), ("heun", Heun), ("ddim", DDIM),
-                        ("euler_ancestral", lambda eta=1.0, s_noise=1.0: DDIM(eta, s_noise)),
-                        ("dpmpp_2m", DPMpp2M), ("odeint", Odeint)):
-    register(_name, _factory)
-
-
-def solver_factory(name):
-    """The registered factory of `name` ("dpmpp_2m" or "sample_dpmpp_2m"); ValueError listing the known names."""
-    if not isinstance(name, str):
-        raise ValueError(f"solver must be a Solver or a registry name, got {name!r}")
-    key = name[len("sample_"):] if name.startswith("sample_") else name
-    if key not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r}; known: {sorted(SOLVERS)}")
-    return SOLVERS[key]
-
-
-def get_solver(solver, **params):
-    """A Solver from a Solver instance (params must be empty) or a registered name, e.g. "dpmpp_2m",
-    "sample_dpmpp_2m"; an unknown name is a ValueError listing the known ones."""
-    if isinstance(solver, Solver):
-        if params:
-            raise ValueError(f"parameters {sorted(params)} given with a Solver instance {solver!r}")
-        return solver
-    return solver_factory(solver)(**params)
+__all__ = ["Odeint", "SOLVERS", "get_solver", "register", "sample_odeint", "solver_factory",
+           *euler.__all__, *dpmpp.__all__, *singlestep.__all__, *multistep.__all__, *unipc.__all__, *lcm.__all__]

@@ -2,6 +2,7 @@
 import math
 
 from ..sampling import Solver, sample
+from .registry import register
 
 __all__ = ["DPMpp2M", "sample_dpmpp_2m"]
 
@@ -28,3 +29,6 @@ class DPMpp2M(Solver):
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, **loop):
     """k-diffusion's `sample_dpmpp_2m` on diffsolve's loop."""
     return sample(DPMpp2M(), model, x, sigmas, extra_args, callback, disable, **loop)
+
+
+register("dpmpp_2m", DPMpp2M)

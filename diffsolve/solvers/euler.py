@@ -5,6 +5,7 @@ In VE coordinates the Euler step is x <- lerp(D, x, sigma_next / sigma), which i
 import torch
 
 from ..sampling import Solver, sample
+from .registry import register
 
 __all__ = ["DDIM", "Euler", "Heun", "ancestral_step", "churn_sigma", "sample_ddim", "sample_euler",
            "sample_euler_ancestral", "sample_heun"]
@@ -146,3 +147,9 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     """k-diffusion's `sample_euler_ancestral`: the same chain as DDIM(eta)."""
     return sample(DDIM(eta, s_noise), model, x, sigmas, extra_args, callback, disable, noise_sampler=noise_sampler,
                   **loop)
+
+
+register("euler", Euler)
+register("heun", Heun)
+register("ddim", DDIM)
+register("euler_ancestral", lambda eta=1.0, s_noise=1.0: DDIM(eta, s_noise))
