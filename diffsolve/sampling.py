@@ -9,8 +9,12 @@ the history it keeps, how its drift scales the score) and a `step(s)` that takes
   - the exact flows of split terms (`diffsolve.transforms.Flow`): Lie after the step, Strang in two halves
     around it, each told the drift the step really applied (`Solver.drift`). A multistep solver's stored
     points (`Step.history`) are carried through the same affine flows, so its history keeps describing
-    the trajectory (in the frame the flows define this is the integrating-factor / Lawson form of the
-    multistep method, which keeps its order; with the identity denoiser it reproduces the flow exactly);
+    the trajectory. For a solver whose model evaluations all sit at its steps' start points
+    (`evaluates_at_start`: Euler, DDIM, the multistep methods) every flow is applied after the step: with the
+    history carried this is the integrating-factor (Lawson) form of the method, which keeps the method's
+    own order with no splitting error, whereas Strang's first half-flow would move the evaluation point off
+    the frame of its sigma and make a multistep method first order (measured in docs/samplers.md).
+    Multi-stage steps (Heun, DPM-2, Runge-Kutta) get Strang's halves;
   - `step_hook(i, sigma, sigma_next, x)` that may return a new x, a finiteness check naming the step;
   - explicit noise: a `noise_sampler(sigma, sigma_next)` or draws from one `generator`.
 
@@ -56,6 +60,7 @@ class Solver:
     applies_flows = True
     absorbs_flows = False
     splits_data_noise = False
+    evaluates_at_start = False
 
     def drift(self, sigmas, i):
         """Factor by which step i's drift on the score exceeds the probability-flow ODE's over
@@ -173,8 +178,8 @@ def sample(solver, model, x, sigmas, extra_args=None, callback=None, disable=Non
     noise = noise_sampler if noise_sampler is not None else gaussian_noise(x, generator)
     absorbed = flows if solver.absorbs_flows else ()
     applied = () if solver.absorbs_flows else flows
-    lie = [f for f in applied if f.splitting == "lie"]
-    strang = [f for f in applied if f.splitting == "strang"]
+    lie = [f for f in applied if f.splitting == "lie" or solver.evaluates_at_start]
+    strang = [f for f in applied if f.splitting == "strang" and not solver.evaluates_at_start]
     rows = x.new_ones([x.shape[0]])
 
     def den(z, sigma):

@@ -18,5 +18,6 @@ def python_blocks(path):
 def test_doc_examples_run(path):
     blocks = python_blocks(path)
     assert blocks, f"{path} has no python example"
+    namespace = {"__name__": "__doc_example__"}  # a page's blocks run in order, as a reader runs them
     for block in blocks:
-        exec(compile(block, path, "exec"), {"__name__": "__doc_example__"})
+        exec(compile(block, path, "exec"), namespace)

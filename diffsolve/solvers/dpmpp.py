@@ -12,7 +12,7 @@ class DPMpp2M(Solver):
     D_hat = (1 + 1/(2r)) D_i - D_{i-1} / (2r), r = h_last / h; first order on the first step and on the
     last step to sigma = 0. Global order 2."""
 
-    name, order, history = "dpmpp_2m", 2, 1
+    name, order, history, evaluates_at_start = "dpmpp_2m", 2, 1, True
 
     def step(self, s):
         d = s.denoise(s.x, s.sigma)

@@ -65,6 +65,10 @@ class Euler(_Churned):
 
     name, order = "euler", 1
 
+    def __init__(self, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+        super().__init__(s_churn, s_tmin, s_tmax, s_noise)
+        self.evaluates_at_start = s_churn == 0  # churn evaluates at sigma_hat, off the step's start
+
     def step(self, s):
         x, sigma_hat = self.churn(s)
         d = s.denoise(x, sigma_hat)
@@ -92,7 +96,7 @@ class DDIM(Solver):
     which equals k-diffusion's ancestral step with the same eta (eta = 1: ancestral sampling / reverse SDE).
     Its drift on the score is 1 + eta**2 times the ODE's."""
 
-    name, order, splits_data_noise = "ddim", 1, True
+    name, order, splits_data_noise, evaluates_at_start = "ddim", 1, True, True
 
     def __init__(self, eta=0.0, s_noise=1.0):
         ancestral_step(1.0, 0.5, eta)  # validates eta
