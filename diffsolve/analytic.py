@@ -240,10 +240,13 @@ class EmpiricalDenoiser:
     K_i = exp(-|z - u_i|^2 / (2 s^2)).  Computed as softmax_i[(z.u_i - |u_i|^2/2) / s^2 + log w_i]
     (the |z|^2 term cancels), after centring the points for accuracy, in query chunks of at most
     ``max_chunk_elements`` query*point logits.  Rows with s = 0 return the nearest point (the s -> 0 limit).
+    Half-precision points and queries are computed in float32 (1 / s^2 overflows float16 below s = 0.004)
+    and returned in the query's dtype.
     """
 
     def __init__(self, points, weights=None, max_chunk_elements: int = 2 ** 24):
         u = _float_tensor(points)
+        u = u.to(torch.promote_types(u.dtype, torch.float32))
         if u.ndim < 2 or u.shape[0] == 0:
             raise ValueError(f"points must have shape [N, ...] with N >= 1, got shape {list(u.shape)}")
         if int(max_chunk_elements) < 1:
@@ -289,7 +292,8 @@ class EmpiricalDenoiser:
     def denoise(self, x, sigma: SigmaLike) -> Tensor:
         xr, s = self._prep(x, sigma)
         out = _chunked(self._denoise_rows, xr, s, self.max_chunk_elements // self.points.shape[0])
-        return out.reshape(_float_tensor(x).shape)
+        x = _float_tensor(x)
+        return out.reshape(x.shape).to(x.dtype)
 
     def __call__(self, x, sigma: SigmaLike, **cond) -> Tensor:
         return self.denoise(x, sigma)

@@ -22,12 +22,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from diffsolve.distill import MSD, SDI, SDS, VSD, should_stop
+from diffsolve.distill import make_distiller, should_stop
 from diffsolve.transforms import cfg, limited_interval
 
 from .diffusers import SDComponents, SDDenoiser, check_on_unet, vae_encode
 
 METHODS = ("msd", "sds", "vsd", "sdi")
+NONFINITE = ("raise", "nan_to_num")
 
 
 def C(value, global_step):
@@ -63,15 +64,21 @@ class DistillationGuidance(torch.nn.Module):
     The paper's §4.3 heuristics: `guidance_interval=(sigma_lo, sigma_hi)` applies CFG only there (any
     method); for MSD pass `kernel_interval=(lo, hi)` and `center="inverted"` (or "noised") through
     `distiller_kwargs`. §4.5's termination: `converged` is True once MSD's lambda is below
-    `terminate_below` (the paper's lambda_1 = 1e-2); it never fires for the other methods."""
+    `terminate_below` (the paper's lambda_1 = 1e-2); it never fires for the other methods.
+    Non-finite gradients: `nonfinite="raise"` (default) lets the distiller's error through (it names the
+    distiller, the sigma and the step); `nonfinite="nan_to_num"` is threestudio's behaviour (NaN -> 0,
+    inf -> the largest float), and every call where it replaced something is counted in `nonfinite_calls`."""
 
     def __init__(self, components, method="msd", guidance_scale=7.5, min_step_percent=0.02,
                  max_step_percent=0.98, bandwidth_start=1e3, bandwidth_end=1e-2, trainer_max_steps=10000,
                  grad_clip=None, weighting="sds", seed=0, view_dependent_prompting=True, guidance_interval=None,
-                 terminate_below=1e-2, **distiller_kwargs):
+                 terminate_below=1e-2, nonfinite="raise", **distiller_kwargs):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        self.nonfinite, self.nonfinite_calls = nonfinite, 0
         if not (0 < bandwidth_end <= bandwidth_start):
             raise ValueError(f"need 0 < bandwidth_end <= bandwidth_start, got {bandwidth_end}, {bandwidth_start}")
         self.unet, self.vae, self.scheduler = _split_components(components)
@@ -93,19 +100,12 @@ class DistillationGuidance(torch.nn.Module):
         self._set_steps(0)
         smin, smax = self.sigma_of(self.min_step), self.sigma_of(self.max_step)
         noisy = dict(sigma_min=smin, sigma_max=smax, weighting=weighting)
-        if method == "msd":
-            self.distiller = MSD(self.denoiser, self.bandwidth(0), **{"sigma_min": smin, "sigma_max": smax,
-                                                                       **distiller_kwargs})
-        elif method == "sds":
-            self.distiller = SDS(self.denoiser, **{**noisy, **distiller_kwargs})
-        elif method == "sdi":
-            self.distiller = SDI(self.denoiser, **{"total_steps": self.trainer_max_steps, "t_range": (0.0, 1.0),
-                                                   **noisy, **distiller_kwargs})
-        else:
-            kw = dict(distiller_kwargs)
-            variational = kw.pop("variational", None) or (
-                lambda z, sigma: self.denoiser(z, sigma, encoder_hidden_states=self._cond))
-            self.distiller = VSD(self.denoiser, variational, **{**noisy, **kw})
+        options = {"msd": dict(bandwidth=self.bandwidth(0), sigma_min=smin, sigma_max=smax,
+                               schedule=lambda step, m_norm: self.bandwidth(step)),
+                   "sds": noisy,
+                   "sdi": dict(noisy, total_steps=self.trainer_max_steps, t_range=(0.0, 1.0)),
+                   "vsd": dict(noisy, variational=lambda z, sigma: self.denoiser(z, sigma, encoder_hidden_states=self._cond))}
+        self.distiller = make_distiller(method, self.denoiser, **{**options[method], **distiller_kwargs})
 
     @property
     def converged(self):
@@ -134,12 +134,9 @@ class DistillationGuidance(torch.nn.Module):
         self.global_step, self._calls = int(global_step), 0
         self._set_steps(global_step)
         d = self.distiller
-        if self.method == "msd":
-            d.bandwidth = self.bandwidth(global_step)
-        else:  # MSD's sigma_max is its chain start and stays put; the noisy distillers follow the t range
+        if self.method != "msd":  # MSD's sigma_max is its chain start and stays put; the others follow the t range
             d.sigma_min, d.sigma_max = self.sigma_of(self.min_step), self.sigma_of(self.max_step)
-        if self.method == "sdi":
-            d.update_step(global_step)
+        d.on_step(self.global_step)  # MSD's bandwidth schedule, SDI's annealing (VSD refits after its gradient)
 
     def _embeddings(self, prompt_utils, elevation, azimuth, camera_distances, batch):
         if hasattr(prompt_utils, "get_text_embeddings"):
@@ -153,6 +150,23 @@ class DistillationGuidance(torch.nn.Module):
         self.last_seed = self.seed + self.global_step + self._calls * 1_000_003
         self._calls += 1
         return torch.Generator().manual_seed(self.last_seed)
+
+    def call_conditions(self, cond, uncond):
+        """The distiller's per-call arguments for prompt embeddings (cond, uncond): the text condition and the
+        guidance (paper convention, limited to `guidance_interval` when given), both in float32."""
+        guidance = cfg(self.guidance_scale, uncond={"encoder_hidden_states": uncond.float()}, convention="paper")
+        if self.guidance_interval is not None:
+            guidance = limited_interval(guidance, *self.guidance_interval)
+        return {"extra_args": {"encoder_hidden_states": cond.float()}, "transforms": [guidance]}
+
+    def _grad(self, latents, generator, extra_args, transforms):
+        """The distiller's gradient for this call's conditions; non-finite values per `nonfinite`."""
+        grad = self.distiller.grad(latents, generator, extra_args=extra_args, transforms=transforms,
+                                   check_finite=self.nonfinite == "raise")
+        if not torch.isfinite(grad).all():
+            self.nonfinite_calls += 1
+            grad = torch.nan_to_num(grad)
+        return grad
 
     def __call__(self, rgb, prompt_utils, elevation=None, azimuth=None, camera_distances=None,
                  rgb_as_latents=False, guidance_eval=False, **kw):
@@ -169,11 +183,7 @@ class DistillationGuidance(torch.nn.Module):
             latents = vae_encode(self.vae, rgb.permute(0, 3, 1, 2), generator=vae_gen)
         self._cond = cond.float()  # the distiller's working dtype; the UNet call casts (cast=True)
         d = self.distiller
-        d.extra_args = {"encoder_hidden_states": self._cond}
-        uncond = {"encoder_hidden_states": uncond.float()}
-        guidance = cfg(self.guidance_scale, uncond=uncond, convention="paper")
-        d.transforms = [guidance if self.guidance_interval is None else limited_interval(guidance, *self.guidance_interval)]
-        grad = torch.nan_to_num(d.grad(latents.detach().float(), generator)).to(latents.dtype)
+        grad = self._grad(latents.detach().float(), generator, **self.call_conditions(cond, uncond)).to(latents.dtype)
         if self.grad_clip is not None:
             clip = C(self.grad_clip, self.global_step)
             grad = grad.clamp(-clip, clip)

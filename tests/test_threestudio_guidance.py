@@ -59,7 +59,9 @@ def test_keys_and_loss_gradient_equal_distiller_gradient(parts, prompts, method)
     assert guidance.last_seed == 3 + 5
     out["loss_sds"].backward()
     reference = guidance.distiller.grad(latents.detach().permute(0, 3, 1, 2),
-                                        torch.Generator().manual_seed(guidance.last_seed))
+                                        torch.Generator().manual_seed(guidance.last_seed),
+                                        **guidance.call_conditions(prompts.cond.expand(B, -1, -1),
+                                                                   prompts.uncond.expand(B, -1, -1)))
     assert torch.isfinite(reference).all() and reference.abs().max() > 0
     torch.testing.assert_close(latents.grad, reference.permute(0, 2, 3, 1) / B, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["grad_norm"], reference.norm(), rtol=1e-5, atol=1e-6)

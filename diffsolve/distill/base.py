@@ -81,16 +81,35 @@ class Draws:
 class Call:
     """One gradient call: its `Run` (model-call count), its draws, its conditions and transforms."""
 
-    def __init__(self, distiller, x, draws, extra_args, transforms):
-        self.distiller, self.draws = distiller, draws
+    def __init__(self, distiller, x, draws, extra_args, transforms, check_finite=True):
+        self.distiller, self.draws, self.check_finite = distiller, draws, bool(check_finite)
         self.run = Run(x.shape[0])
         self.extra_args = distiller.extra_args if extra_args is None else dict(extra_args)
         self.transforms = distiller.transforms if transforms is None else _check_transforms(transforms)
 
     def denoiser(self, transforms=None, model=None):
         """The model (or `model`) with the call's transforms (or `transforms`), counted and checked."""
-        base = self.distiller.checked(self.distiller.model if model is None else model)
+        base = self.checked(self.distiller.model if model is None else model)
         return run_denoiser(base, self.transforms if transforms is None else transforms, self.run)[0]
+
+    def checked(self, model):
+        """`model` whose every output is checked: shape like x, and finite unless the call was made with
+        check_finite=False (an error naming the distiller, the sigma and the step otherwise)."""
+        name, step, check_finite = self.distiller.name, self.distiller.step, self.check_finite
+
+        def checked_model(x, sigma, **cond):
+            out = model(x, sigma, **cond)
+            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"{name}: the model returned shape {shape} for x of shape {tuple(x.shape)}")
+            if check_finite and not torch.isfinite(out).all():
+                s = torch.as_tensor(sigma, dtype=torch.float64).flatten()
+                bad = ~torch.isfinite(out.flatten(1)).all(1)
+                where = float(s[bad.nonzero()[0, 0]] if s.numel() > 1 else s[0])
+                raise ValueError(f"{name}: the model returned NaN or inf at sigma {where:.6g} "
+                                 f"(optimisation step {step}, {int(bad.sum())} of {len(bad)} rows)")
+            return out
+        return checked_model
 
     def extra(self, repeats=1):
         """Condition arguments repeated for `repeats` copies of each row (batch dims only)."""
@@ -126,39 +145,23 @@ class Distiller:
             raise ValueError(f"step must be a non-negative integer, got {step!r}")
         self.step = int(step)
 
-    def checked(self, model):
-        """`model` whose every output is checked: shape like x, finite (an error naming the distiller,
-        the sigma and the step otherwise)."""
-        name = self.name
-
-        def checked_model(x, sigma, **cond):
-            out = model(x, sigma, **cond)
-            if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"{name}: the model returned shape {shape} for x of shape {tuple(x.shape)}")
-            if not torch.isfinite(out).all():
-                s = torch.as_tensor(sigma, dtype=torch.float64).flatten()
-                bad = ~torch.isfinite(out.flatten(1)).all(1)
-                where = float(s[bad.nonzero()[0, 0]] if s.numel() > 1 else s[0])
-                raise ValueError(f"{name}: the model returned NaN or inf at sigma {where:.6g} "
-                                 f"(optimisation step {self.step}, {int(bad.sum())} of {len(bad)} rows)")
-            return out
-        return checked_model
-
     @torch.no_grad()
-    def grad(self, x, generator=None, *, seed=None, row_offset=0, extra_args=None, transforms=None, **kw):
-        """The descent direction for x (same shape); step along -grad to climb the density."""
+    def grad(self, x, generator=None, *, seed=None, row_offset=0, extra_args=None, transforms=None, check_finite=True,
+             **kw):
+        """The descent direction for x (same shape); step along -grad to climb the density. A non-finite model
+        output or gradient is an error naming the distiller, the sigma and the step, unless check_finite=False
+        (the caller then handles it, e.g. threestudio's nan_to_num)."""
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got {type(x).__name__}")
         if x.ndim == 0 or x.shape[0] == 0:
             raise ValueError(f"{self.name}: x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError(f"{self.name}: x contains NaN or inf")
-        call = Call(self, x, Draws(generator, seed, row_offset), extra_args, transforms)
+        call = Call(self, x, Draws(generator, seed, row_offset), extra_args, transforms, check_finite)
         g = self._grad(x.detach(), call, **kw)
         self.last_nfe = call.run.info.nfe
         self.nfe += call.run.info.nfe
-        if not torch.isfinite(g).all():
+        if check_finite and not torch.isfinite(g).all():
             raise ValueError(f"{self.name}: the gradient has NaN or inf at optimisation step {self.step}")
         return g.to(x.dtype)
 

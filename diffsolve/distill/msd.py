@@ -11,6 +11,7 @@ noise level s = lambda / sqrt(2): x' = D(x; s) (Tweedie). Three ways to sample /
 """
 import inspect
 import math
+import warnings
 
 import torch
 
@@ -21,7 +22,11 @@ from ..solvers import solver_factory
 from ..transforms import FLOWS, KERNEL_FACES, SPLITTINGS, GaussianKernel, LimitedInterval
 from .base import Distiller, euler_inversion
 
-__all__ = ["CENTERS", "MSD", "SAMPLERS", "mean_shift_oracle"]
+__all__ = ["CENTERS", "ExplicitKernelWarning", "MSD", "SAMPLERS", "mean_shift_oracle"]
+
+
+class ExplicitKernelWarning(UserWarning):
+    """The explicit (score-face) kernel term meets a step where explicit Euler grows."""
 
 SAMPLERS = ("kernel", "posterior", "one_call")
 CENTERS = ("iterate", "noised", "inverted")
@@ -140,8 +145,9 @@ class MSD(Distiller):
             top = min(s, self.sigma_max)
             sigmas = sigmas_karras(self.steps, self.sigma_min, top) if top > self.sigma_min \
                 else torch.tensor([top, 0.0], dtype=torch.float64)
-            y, run = sample(self.solver, self.checked(self.model), xs.clone(), sigmas, call.extra(n), disable=True,
-                            transforms=call.transforms, noise_sampler=draws.noise_sampler(xs), return_info=True)
+            y, run = sample(self.solver, call.checked(self.model), xs.clone(), sigmas, call.extra(n), disable=True,
+                            transforms=call.transforms, noise_sampler=draws.noise_sampler(xs), return_info=True,
+                            check_finite=call.check_finite)
         else:
             y, run = self._kernel_chain(xs, lam, call, draws)
         call.run.info.nfe += run.nfe * n
@@ -160,8 +166,35 @@ class MSD(Distiller):
         if start == 0 and self.center == "iterate":  # the paper's start x + sigma_max n (a moving centre is noisy)
             z += float(sigmas[0]) * draws.randn(xs)
         term = kernel if self.kernel_interval is None else LimitedInterval(kernel, *self.kernel_interval)
-        return sample(self.solver, self.checked(self.model), z, sigmas, call.extra(self.n_samples), disable=True,
-                      transforms=[*call.transforms, term], noise_sampler=draws.noise_sampler(z), return_info=True)
+        if self.face == "score":
+            self._warn_explicit_growth(sigmas, lam)
+        y, run = sample(self.solver, call.checked(self.model), z.clone(), sigmas, call.extra(self.n_samples),
+                        disable=True, transforms=[*call.transforms, term], noise_sampler=draws.noise_sampler(z),
+                        return_info=True, check_finite=call.check_finite)
+        if self.face == "score":
+            self._check_growth(xs, z, y)
+        return y, run
+
+    def _warn_explicit_growth(self, sigmas, lam):
+        """Before work: explicit Euler multiplies z - c by 1 - 2 sigma |dsigma| / lambda^2 per step, which grows
+        once sigma |dsigma| / lambda^2 > 1 (ignoring steps outside kernel_interval)."""
+        sig = [float(v) for v in sigmas]
+        lo, hi = self.kernel_interval or (0.0, math.inf)
+        ratios = [(sig[i] * (sig[i] - sig[i + 1]) / lam ** 2, i) for i in range(len(sig) - 1) if lo < sig[i] <= hi]
+        worst, i = max(ratios, default=(0.0, -1))
+        if worst > 1:
+            warnings.warn(f"MSD face='score': step {i} (sigma {sig[i]:.4g} -> {sig[i + 1]:.4g}) has sigma |dsigma| / "
+                          f"lambda^2 = {worst:.3g} > 1 at lambda {lam:.4g}, where the explicit kernel term grows; "
+                          "use face='split' (exact flow) or more steps", ExplicitKernelWarning, stacklevel=4)
+
+    def _check_growth(self, xs, z0, y):
+        """After the chain: samples far beyond where the chain started mean the explicit term grew."""
+        start = (z0 - xs).flatten(1).norm(dim=1).max().item()
+        scale = xs.flatten(1).norm(dim=1).max().item()
+        reach = (y - xs).flatten(1).norm(dim=1).max().item()
+        if not reach <= 10 * (start + scale + 1):
+            raise ValueError(f"MSD face='score': the explicit kernel term grew the chain (samples {reach:.3g} from "
+                             f"their points, which started {start:.3g} away); use face='split' or more steps")
 
     def _center(self, xs, sigmas, call, draws):
         if self.center == "iterate":
@@ -188,7 +221,7 @@ class MSD(Distiller):
         """The call's guided denoiser, its evaluations counted in units of `batch` rows."""
         from ..sampling import Run, run_denoiser
         run = Run(batch, call.run.info)
-        return run_denoiser(self.checked(self.model), call.transforms, run)[0]
+        return run_denoiser(call.checked(self.model), call.transforms, run)[0]
 
 
 def mean_shift_oracle(density, x, bandwidth, bandwidth_is="lambda"):

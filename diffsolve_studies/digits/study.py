@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from diffsolve.distill import MSD, SDI, SDS, VSD, AdaptiveBandwidth, DenoisingTrainer, should_stop
+from diffsolve.distill import AdaptiveBandwidth, DenoisingTrainer, make_distiller, should_stop
 from diffsolve.schedules import sigmas_karras
 from diffsolve.solvers import sample_ddim
 from diffsolve.transforms import autoguidance, cfg, limited_interval
@@ -143,24 +143,41 @@ def inversion_transforms(run, models, cfg_):
     return [autoguidance(models["weak"], 1 - run.scale)]
 
 
-def make_distiller(run, models, labels, cfg_):
+def distiller_options(run, models, labels, cfg_):
+    """The study's options of one run's distiller (see DigitsConfig)."""
     model, transforms = models["main"], guidance_transforms(run, models, cfg_)
     extra = {"class_labels": labels}
     noisy = dict(sigma_min=cfg_.noisy_sigma[0], sigma_max=cfg_.noisy_sigma[1], weighting="sds", transforms=transforms,
                  extra_args=extra)
-    if run.method == "sds":
-        return SDS(model, **noisy)
     if run.method == "vsd":
         trainer = DenoisingTrainer(_Labelled(model, labels), lr=1e-3, p_mean=-1.2, p_std=1.2)
-        return VSD(model, trainer.net, variational_update=trainer, **noisy)
+        return dict(noisy, variational=trainer.net, variational_update=trainer)
     if run.method == "sdi":
-        return SDI(model, total_steps=SDI_GRID, inversion_transforms=inversion_transforms(run, models, cfg_), **noisy)
+        return dict(noisy, total_steps=SDI_GRID, inversion_transforms=inversion_transforms(run, models, cfg_))
+    if run.method == "sds":
+        return noisy
     center = {"none": "iterate", "interval": "iterate", "interval+noised": "noised",
               "interval+inverted": "inverted"}[run.heuristics]
-    return MSD(model, cfg_.lam_start, sampler="kernel", steps=cfg_.msd_steps, sigma_min=cfg_.sigma_min,
-               sigma_max=cfg_.sigma_max, solver="ddim", eta=1.0, center=center,
-               kernel_interval=None if run.heuristics == "none" else cfg_.interval, transforms=transforms,
-               extra_args=extra)
+    return dict(bandwidth=cfg_.lam_start, sampler="kernel", steps=cfg_.msd_steps, sigma_min=cfg_.sigma_min,
+                sigma_max=cfg_.sigma_max, solver="ddim", eta=1.0, center=center,
+                kernel_interval=None if run.heuristics == "none" else cfg_.interval, transforms=transforms,
+                extra_args=extra)
+
+
+def study_distiller(run, models, labels, cfg_):
+    """The run's distiller. Its schedules follow the fraction of the budget spent, f = nfe / budget: the
+    loop's step position is f on SDI's grid (SDI anneals t over SDI_GRID positions), and MSD's bandwidth is
+    lambda(f, mean |m|), read from the distiller's own model-call count."""
+    d = make_distiller(run.method, models["main"], **distiller_options(run, models, labels, cfg_))
+    if run.method == "msd":
+        lam_of = bandwidth_schedule(run, cfg_)
+        d.schedule = lambda step, m_norm: lam_of(d.nfe / cfg_.budget, m_norm)
+    return d
+
+
+def schedule_position(used, cfg_):
+    """The step position the loop reports to `on_step`: the budget fraction on SDI's grid."""
+    return int(used / cfg_.budget * (SDI_GRID - 1))
 
 
 def bandwidth_schedule(run, cfg_):
@@ -204,10 +221,9 @@ def optimise(run, models, ref, cfg_, progress=None):
     gen = torch.Generator().manual_seed(cfg_.seed)
     images = initial_images(run, len(labels), cfg_)
     opt = torch.optim.Adam(images.parameters(), lr=cfg_.lr_pixels if run.param == "pixels" else cfg_.lr_mlp)
-    distiller = make_distiller(run, models, labels, cfg_)
-    lam_of = bandwidth_schedule(run, cfg_) if run.method == "msd" else None
+    distiller = study_distiller(run, models, labels, cfg_)
     marks = [round(cfg_.budget * i / cfg_.evals) for i in range(cfg_.evals + 1)]
-    curve, steps, lam, m_norm, stop = [], [], None, None, None
+    curve, steps, stop = [], [], None
     step = 0
     while True:
         used = distiller.nfe
@@ -217,25 +233,18 @@ def optimise(run, models, ref, cfg_, progress=None):
             marks.pop(0)
         if used >= cfg_.budget:
             break
-        frac = used / cfg_.budget
-        if run.method == "msd":
-            lam = lam_of(frac, m_norm)
-            distiller.bandwidth = lam
-            if stop is None and should_stop(lam, lam_floor=cfg_.lam_stop):
-                with torch.no_grad():
-                    stop = {"step": step, "nfe": used, **measure(images(), labels, ref)}
-        elif run.method == "sdi":  # t annealed over the budget
-            distiller.update_step(int(frac * (SDI_GRID - 1)))
         x = images()
-        if run.method == "vsd":
-            distiller.update(x.detach(), gen)
+        distiller.on_step(schedule_position(used, cfg_), x.detach(), gen)
+        if run.method == "msd" and stop is None and should_stop(distiller.bandwidth, lam_floor=cfg_.lam_stop):
+            with torch.no_grad():
+                stop = {"step": step, "nfe": used, **measure(images(), labels, ref)}
         g = distiller.grad(x.detach(), gen)
         opt.zero_grad(set_to_none=True)
         x.backward(g)
         opt.step()
         if run.method == "msd":
-            m_norm = float(distiller.mean_shift_norm.mean())
-            steps.append({"step": step, "nfe": used, "lam": lam, "mean_shift_norm": m_norm})
+            steps.append({"step": step, "nfe": used, "lam": distiller.bandwidth,
+                          "mean_shift_norm": float(distiller.mean_shift_norm.mean())})
         step += 1
         if progress is not None:
             progress.update(distiller.nfe - used)

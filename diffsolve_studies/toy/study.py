@@ -10,7 +10,7 @@ import torch
 
 from diffsolve import metrics
 from diffsolve.analytic import EmpiricalDenoiser
-from diffsolve.distill import MSD, SDI, SDS, VSD, DenoisingTrainer, ideal_variational, linear_decay
+from diffsolve.distill import MSD, DenoisingTrainer, ideal_variational, linear_decay, make_distiller
 from diffsolve.schedules import sigmas_karras
 from diffsolve.solvers import sample_ddim
 from diffsolve.transforms import autoguidance, cfg
@@ -87,19 +87,25 @@ def grid_points(n, lim=1.5):
     return torch.stack([gx.flatten(), gy.flatten()], 1)
 
 
-def make_distiller(method, model, transforms, inversion, column, cfg_, total_steps):
+def distiller_options(method, model, transforms, inversion, column, cfg_, total_steps):
+    """The study's options of one method (see StudyConfig); MSD's bandwidth decays linearly over the run."""
     common = dict(sigma_min=cfg_.sigma_min, sigma_max=cfg_.sigma_max, transforms=transforms)
     noisy = dict(common, weighting=cfg_.weighting)
-    if method == "sds":
-        return SDS(model, **noisy)
     if method == "sdi":
-        return SDI(model, total_steps=total_steps, inversion_transforms=inversion, **noisy)
-    if method == "vsd":
-        update = ideal_variational if column == "ideal" else DenoisingTrainer(model)  # phi: an unguided copy
-        return VSD(model, None, variational_update=update, **noisy)
+        return dict(noisy, total_steps=total_steps, inversion_transforms=inversion)
+    if method == "vsd":  # phi: the ideal denoiser of the particles, or an unguided copy of the model
+        return dict(noisy, variational_update=ideal_variational if column == "ideal" else DenoisingTrainer(model))
     if method == "msd":
-        return MSD(model, cfg_.lam0, steps=cfg_.chain_steps, n_samples=cfg_.n_mc, **common)
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        return dict(common, bandwidth=cfg_.lam0, steps=cfg_.chain_steps, n_samples=cfg_.n_mc,
+                    schedule=linear_decay(cfg_.lam0, total_steps))
+    return noisy
+
+
+def study_distiller(method, model, transforms, inversion, column, cfg_, total_steps):
+    if method not in METHODS[1:]:
+        raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
+    return make_distiller(method, model, **distiller_options(method, model, transforms, inversion, column, cfg_,
+                                                             total_steps))
 
 
 def mc_grad(distiller, x, n, generator):
@@ -113,18 +119,12 @@ def optimise(method, model, transforms, inversion, column, x0, cfg_, generator, 
     """Run one distillation method from x0; returns (points, model calls per point and step, per-step log)."""
     ideal = column == "ideal"
     steps, lr = (cfg_.ideal_steps, cfg_.ideal_lr) if ideal else (cfg_.steps, cfg_.lr)
-    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, steps)
-    bandwidth = linear_decay(cfg_.lam0, steps)
+    distiller = study_distiller(method, model, transforms, inversion, column, cfg_, steps)
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.SGD([x], lr=lr) if ideal else torch.optim.Adam([x], lr=lr)
     log = []
     for k in range(steps):
-        if isinstance(distiller, VSD):
-            distiller.update(x.detach(), generator)
-        if isinstance(distiller, SDI):
-            distiller.update_step(k)
-        if isinstance(distiller, MSD):
-            distiller.bandwidth = bandwidth(k)
+        distiller.on_step(k, x.detach(), generator)
         g = mc_grad(distiller, x.detach(), cfg_.n_mc, generator)
         opt.zero_grad(set_to_none=True)
         x.grad = g
@@ -163,11 +163,10 @@ def landscape(method, model, transforms, inversion, column, cfg_, n=32, k=16, se
     point, MSD at the initial bandwidth, SDI at mid-run), integrated by least squares (metrics)."""
     g = torch.Generator().manual_seed(seed)
     pts = grid_points(n)
-    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, 3)  # SDI: step 1 of 3 = mid-run
-    if isinstance(distiller, VSD):
-        distiller.update(pts, g)
-    if isinstance(distiller, SDI):
-        distiller.update_step(1)
+    distiller = study_distiller(method, model, transforms, inversion, column, cfg_, 3)  # SDI: step 1 of 3 = mid-run
+    distiller.on_step(1, pts, g)
+    if isinstance(distiller, MSD):
+        distiller.bandwidth = cfg_.lam0  # the landscape at the initial bandwidth
     field = mc_grad(distiller, pts, k, g)
     t = torch.linspace(-1.5, 1.5, n)
     return metrics.integrate_gradient_field(field.reshape(n, n, 2).double(), t.double(), t.double())
@@ -177,13 +176,10 @@ def efficiency_points(method, model, transforms, inversion, column, cfg_, oracle
     """Table 3: k independent single estimates at each point; eq. 17 against the estimator's own mean
     and against the oracle (the exact mean-shift gradient at lambda_0 of the true density)."""
     g = torch.Generator().manual_seed(seed)
-    distiller = make_distiller(method, model, transforms, inversion, column, cfg_, 3)  # SDI: step 1 of 3 = mid-run
+    distiller = study_distiller(method, model, transforms, inversion, column, cfg_, 3)  # SDI: step 1 of 3 = mid-run
+    distiller.on_step(1, points, g)
     if isinstance(distiller, MSD):
-        distiller.n_samples = 1
-    if isinstance(distiller, VSD):
-        distiller.update(points, g)
-    if isinstance(distiller, SDI):
-        distiller.update_step(1)
+        distiller.n_samples, distiller.bandwidth = 1, cfg_.lam0  # single draws at the initial bandwidth
     draws = distiller.grad(points.repeat_interleave(k, 0), g).reshape(points.shape[0], k, -1).transpose(0, 1)
     cost = distiller.last_nfe / k
     own = metrics.estimator_efficiency(draws.double(), cost)
