@@ -16,6 +16,8 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor
 
+__all__ = ["EmpiricalDenoiser", "GaussianMixture"]
+
 SigmaLike = Union[float, Tensor]
 _LOG_2PI = math.log(2.0 * math.pi)
 

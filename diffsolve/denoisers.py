@@ -8,6 +8,8 @@ import torch
 
 from .schedules import sigmas_from_alphas_cumprod
 
+__all__ = ["DiscreteTimesteps", "PREDICTION_TYPES", "VPDenoiser", "VPModelView", "append_dims", "denoised_from_eps", "denoised_from_v", "eps_from_denoised", "score_from_denoised", "sigma_rows", "v_from_denoised"]
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 

@@ -11,6 +11,8 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor
 
+__all__ = ["estimator_efficiency", "integrate_gradient_field", "mmd", "mmd_both", "nll", "precision_recall"]
+
 F64 = torch.float64
 
 

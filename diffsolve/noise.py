@@ -13,6 +13,8 @@ from collections import OrderedDict
 
 import torch
 
+__all__ = ["BrownianTreeNoise", "brownian_tree_noise", "gaussian_noise", "seeded_noise"]
+
 _MASK = (1 << 64) - 1
 
 

@@ -12,6 +12,8 @@ import torch
 
 from ._checks import check_positive
 
+__all__ = ["sigmas_log_uniform", "AYS_SIGMAS", "SCHEDULES", "SPACINGS", "append_zero", "beta_ppf", "discrete_timesteps", "get_sigmas", "sigmas_align_your_steps", "sigmas_beta", "sigmas_beta_range", "sigmas_beta_table", "sigmas_ddim_uniform", "sigmas_discrete", "sigmas_exponential", "sigmas_from_alphas_cumprod", "sigmas_karras", "sigmas_kl_optimal", "sigmas_linear_quadratic", "sigmas_normal", "sigmas_polyexponential", "sigmas_sgm_uniform", "sigmas_simple", "sigmas_vp"]
+
 SPACINGS = ("leading", "trailing", "linspace")
 
 
