@@ -188,28 +188,50 @@ def test_churn_reports_its_drift_to_the_flow(flow):
     assert ((out - factor).abs() / factor).max() < 1e-9
 
 
-@pytest.mark.parametrize("eta", [0.5, 1.0])
-def test_ddim_eta_flow_samples_match_the_exact_ornstein_uhlenbeck_transition(eta):
-    """Identity denoiser + kernel flow at eta > 0: dz = k 2 sigma (z - c) / lambda^2 dsigma + noise of
-    variance eta^2 d(sigma^2), k = 1 + eta^2 (DDIM's drift). Mean and variance of 2e4 samples within 5 standard
-    errors of the exact transition."""
+def stochastic_solvers():
+    """Every registered solver that takes eta, at eta = 0.5 and 1, and applies flows."""
+    import inspect
+    out = {}
+    for name, factory in sorted(ds.SOLVERS.items()):
+        if "eta" not in inspect.signature(factory).parameters:
+            continue
+        for eta in (0.5, 1.0):
+            try:
+                solver = factory(eta=eta)
+            except TypeError:
+                continue
+            if solver.stochastic and solver.applies_flows:
+                out[f"{name}-eta{eta}"] = solver
+    return out
+
+
+STOCHASTIC = stochastic_solvers()
+
+
+@pytest.mark.parametrize("name", sorted(STOCHASTIC))
+def test_sde_flow_samples_match_the_exact_ornstein_uhlenbeck_transition(name):
+    """Identity denoiser + kernel flow at eta > 0: every SDE step adds noise of variance (k - 1) d(sigma^2) and
+    scales the drift by k = solver.drift (DDIM / ancestral: 1 + eta^2; DPM++ SDE steps, which scale h by eta:
+    1 + eta). The exact transition: mean c + (z0 - c) exp(-k D / lambda^2), variance (k - 1) lambda^2 / (2k)
+    (1 - exp(-2k D / lambda^2)), D = s0^2 - s1^2. 2e4 samples within 5 standard errors; the literal flow
+    (drift 1) is told apart."""
+    solver = STOCHASTIC[name]
     lam, s0, s1, n = 1.0, 2.0, 0.05, 20_000
     c = torch.zeros(n, 1, dtype=torch.float64)
     z0 = torch.ones(n, 1, dtype=torch.float64)
     sigmas = ds.sigmas_karras(400, s1, s0, append_zero_=False)
-    kernel = ds.gaussian_kernel(c, lam, face="split")
-    out = ds.sample(ds.DDIM(eta), identity_model, z0, sigmas, transforms=[kernel],
-                    generator=torch.Generator().manual_seed(0))
-    k = 1 + eta ** 2
-    mean = math.exp(-k * (s0 ** 2 - s1 ** 2) / lam ** 2)
-    var = eta ** 2 * lam ** 2 / (2 * k) * (1 - math.exp(-2 * k * (s0 ** 2 - s1 ** 2) / lam ** 2))
+    k = solver.drift([float(v) for v in sigmas], 0)
+    run = lambda flow: ds.sample(solver, identity_model, z0, sigmas,  # noqa: E731
+                                 transforms=[ds.gaussian_kernel(c, lam, face="split", flow=flow)],
+                                 generator=torch.Generator().manual_seed(0))
+    out = run("matched")
+    d = s0 ** 2 - s1 ** 2
+    mean = math.exp(-k * d / lam ** 2)
+    var = (k - 1) * lam ** 2 / (2 * k) * (1 - math.exp(-2 * k * d / lam ** 2))
     se_mean, se_var = math.sqrt(var / n), var * math.sqrt(2 / n)
-    assert abs(out.mean().item() - mean) < 5 * se_mean
-    assert abs(out.var().item() - var) < 5 * se_var
-    literal = ds.sample(ds.DDIM(eta), identity_model, z0, sigmas,
-                        transforms=[ds.gaussian_kernel(c, lam, face="split", flow="literal")],
-                        generator=torch.Generator().manual_seed(0))
-    assert abs(literal.mean().item() - mean) > 5 * se_mean  # the other drift is told apart
+    assert abs(out.mean().item() - mean) < 5 * se_mean, (out.mean().item(), mean)
+    assert abs(out.var().item() - var) < 5 * se_var, (out.var().item(), var)
+    assert abs(run("literal").mean().item() - mean) > 5 * se_mean
 
 
 def test_posterior_sampler_needs_a_reverse_sde_solver():
@@ -256,3 +278,26 @@ def test_shape_mismatch_and_empty_batch_are_errors_before_or_at_the_first_call()
         ds.sample_euler(identity_model, torch.ones(0, 2), ds.sigmas_karras(3, 0.1, 1.0))
     with pytest.raises(ValueError, match="diffsolve Solver"):
         ds.sample("euler", identity_model, torch.ones(2, 2), ds.sigmas_karras(3, 0.1, 1.0))
+
+
+def test_any_sampler_function_runs_as_a_solver_with_flows_and_in_msd():
+    """A k-diffusion function as a Solver: interval by interval it is k-diffusion's own chain for single-step
+    samplers, takes split flows between intervals, and serves as MSD's solver."""
+    sampling, _ = load()
+    gmm = three_component_mixture()
+    x = 3.0 * torch.randn(8, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    sigmas = ds.sigmas_karras(10, 0.01, 3.0)
+    ours, info = ds.sample(ds.FunctionSolver(sampling.sample_heun, order=2), gmm, x, sigmas, return_info=True)
+    assert (ours - sampling.sample_heun(gmm, x, sigmas, disable=True)).abs().max() < 1e-12
+    assert info.nfe == 19
+    c = torch.zeros_like(x)
+    flow = ds.sample(ds.FunctionSolver(sampling.sample_euler), identity_model, x, sigmas[:-1],
+                     transforms=[ds.gaussian_kernel(c, 1.0, face="split")])
+    assert (flow - exact_kernel_flow(x, c, 1.0, float(sigmas[0]), float(sigmas[-2]))).abs().max() < 1e-10
+    by_function = MSD(gmm, 0.5, solver=sampling.sample_euler, steps=8).grad(x, seed=3)
+    by_name = MSD(gmm, 0.5, solver="euler", steps=8).grad(x, seed=3)
+    assert (by_function - by_name).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="reverse SDE"):
+        MSD(gmm, 0.5, sampler="posterior", solver=sampling.sample_euler_ancestral)
+    ancestral = ds.FunctionSolver(sampling.sample_euler_ancestral, stochastic=True, drift_factor=2.0)
+    MSD(gmm, 0.5, sampler="posterior", solver=ancestral)

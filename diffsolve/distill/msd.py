@@ -18,7 +18,7 @@ import torch
 from ..denoisers import append_dims
 from ..sampling import Solver, sample
 from ..schedules import sigmas_karras
-from ..solvers import solver_factory
+from ..solvers import FunctionSolver, solver_factory
 from ..transforms import FLOWS, KERNEL_FACES, SPLITTINGS, GaussianKernel, LimitedInterval
 from .base import Distiller, euler_inversion
 
@@ -39,9 +39,12 @@ def _choice(name, value, allowed):
 
 
 def _solver(solver, eta):
-    """A Solver from an instance or a registry name; `eta` goes to names whose factory takes it."""
+    """A Solver from an instance, a registry name (`eta` goes to names whose factory takes it) or a
+    k-diffusion-style sampler function (run interval by interval as a deterministic `FunctionSolver`)."""
     if isinstance(solver, Solver):
         return solver
+    if callable(solver):
+        return FunctionSolver(solver)
     factory = solver_factory(solver)
     return factory(**({"eta": eta} if "eta" in inspect.signature(factory).parameters else {}))
 
@@ -57,8 +60,10 @@ class MSD(Distiller):
     bandwidth: the paper's lambda (or the kernel's std with bandwidth_is="std"); set `self.bandwidth`
     between steps, pass `bandwidth=` to grad, or give `schedule(step, mean_shift_norm) -> lambda`, which
     `on_step` applies (see diffsolve.distill.bandwidth).
-    solver: a `Solver` or a registry name ("ddim", "heun", "dpmpp_2m_sde", ...); `eta` goes to names that
-    take it (the kernel chain's DDIM eta; the posterior chain needs the reverse SDE and uses eta = 1).
+    solver: a `Solver`, a registry name ("ddim", "heun", "dpmpp_2m_sde", ...; `eta` goes to names that take it:
+    the kernel chain's DDIM eta; the posterior chain needs the reverse SDE and uses eta = 1) or a
+    k-diffusion-style function (e.g. `k_diffusion.sampling.sample_heun`), run interval by interval
+    (`diffsolve.FunctionSolver`; wrap it yourself to declare it stochastic).
     n_samples: product samples averaged per point (eq. 10); the paper uses 1 on Stable Diffusion.
     center: "iterate" (x), "noised" (x + sigma n_c, fixed n_c per chain) or "inverted" (x carried up
     the grid by deterministic DDIM inversion), the §4.3 heuristic; taken at sigma_next per step.

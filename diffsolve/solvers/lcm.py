@@ -38,7 +38,7 @@ class LCM(Solver):
     It is DDIM with the eta whose noise reaches sigma_next (sigma_down = 0), so its drift on the score is
     DDIM's 1 + eta**2 = 1 + sigma**2 / (sigma**2 - sigma_next**2) (1 on the last step to sigma = 0)."""
 
-    name, order, stochastic = "lcm", 1, True
+    name, order, stochastic, evaluates_at_start = "lcm", 1, True, True
 
     def drift(self, sigmas, i):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

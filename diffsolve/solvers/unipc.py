@@ -109,7 +109,7 @@ class UniPC(Solver):
     declared `order` is min(p + 1, 3), or 2 with lower_order_final. One model evaluation per step;
     history p records."""
 
-    stochastic = False
+    stochastic, evaluates_at_start = False, True
 
     def __init__(self, order=3, variant="bh1", lower_order_final=True, disable_corrector=()):
         self.disable_corrector = _check_options(order, variant, disable_corrector)
