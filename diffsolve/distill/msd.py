@@ -18,7 +18,8 @@ import torch
 from ..denoisers import append_dims
 from ..sampling import Solver, sample
 from ..schedules import sigmas_karras
-from ..solvers import FunctionSolver, solver_factory
+from ..solvers import solver_factory
+from ..solvers.function import FunctionSolver
 from ..transforms import FLOWS, KERNEL_FACES, SPLITTINGS, GaussianKernel, LimitedInterval
 from .base import Distiller, euler_inversion
 
