@@ -6,11 +6,13 @@ from .euler import *  # noqa: F401,F403
 from .dpmpp import *  # noqa: F401,F403
 from .singlestep import *  # noqa: F401,F403
 from .multistep import *  # noqa: F401,F403
+from .sde import *  # noqa: F401,F403
 from .unipc import *  # noqa: F401,F403
 from .lcm import *  # noqa: F401,F403
-from . import dpmpp, euler, lcm, multistep, singlestep, unipc
+from .function import FunctionSolver
+from . import dpmpp, euler, lcm, multistep, sde, singlestep, unipc
 
 register("odeint", Odeint)
 
-__all__ = ["Odeint", "SOLVERS", "get_solver", "register", "sample_odeint", "solver_factory",
-           *euler.__all__, *dpmpp.__all__, *singlestep.__all__, *multistep.__all__, *unipc.__all__, *lcm.__all__]
+__all__ = ["FunctionSolver", "Odeint", "SOLVERS", "get_solver", "register", "sample_odeint", "solver_factory",
+           *euler.__all__, *dpmpp.__all__, *singlestep.__all__, *multistep.__all__, *sde.__all__, *unipc.__all__, *lcm.__all__]
