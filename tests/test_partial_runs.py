@@ -222,7 +222,8 @@ def test_quantize_matches_kdiffusion_discrete_schedule():
     table = ds.sigmas_from_alphas_cumprod(_sd_alphas_cumprod())  # float64, ascending
     ks = external.DiscreteSchedule(table, quantize=True)
     g = torch.Generator().manual_seed(0)
-    grids = [ds.sigmas_karras(30, table[0].item(), table[-1].item()), ds.sigmas_log_uniform(12, 0.01, 30.0),
+    grids = [ds.sigmas_karras(30, table[0].item(), table[-1].item()),
+             ds.append_zero(torch.logspace(1.5, -2.0, 12, dtype=torch.float64)),
              torch.cat([(torch.rand(200, generator=g, dtype=torch.float64) * 7 - 3.6).exp().sort(descending=True)
                         .values, torch.zeros(1, dtype=torch.float64)])]
     for sigmas in grids:
