@@ -4,13 +4,15 @@ One convention everywhere: a denoiser D(x, sigma, **cond) -> x0_hat in variance-
 """
 from .denoisers import *  # noqa: F401,F403
 from .noise import *  # noqa: F401,F403  (gaussian_noise, seeded_noise, brownian_tree_noise)
+from .partial import *  # noqa: F401,F403  (split / partial / denoise < 1 / img2img grids, sigma quantisation)
 from .schedules import *  # noqa: F401,F403  (every schedule, SCHEDULES and get_sigmas)
 from .sampling import *  # noqa: F401,F403  (the loop and the step contract)
 from .solvers import *  # noqa: F401,F403  (every Solver class, sample_<name> function and the registry)
 from .transforms import *  # noqa: F401,F403
-from . import denoisers as _denoisers, noise as _noise, sampling as _sampling, schedules as _schedules
+from . import denoisers as _denoisers, noise as _noise, partial as _partial, sampling as _sampling
+from . import schedules as _schedules
 from . import solvers as _solvers, transforms as _transforms
 from ._version import __version__
 
-__all__ = sorted({"__version__", "sample_odeint", *_denoisers.__all__, *_noise.__all__, *_schedules.__all__,
+__all__ = sorted({"__version__", "sample_odeint", *_denoisers.__all__, *_noise.__all__, *_partial.__all__, *_schedules.__all__,
                   *_sampling.__all__, *_solvers.__all__, *_transforms.__all__})
