@@ -12,17 +12,15 @@ over [sigma, sigma_next], so x_next = x + sum_j c_j eps_j; the solvers differ in
 
 The earlier eps_j come from the loop's history, eps_j = (x_j - D_j) / sigma_j for each `Past` record, so they
 follow the records through the loop's affine flows (x -> a x + b maps eps to a eps). The DPM-Solver++
-multistep SDE solvers live in `diffsolve.solvers.sde` and are re-exported here.
+multistep SDE solvers live in `diffsolve.solvers.sde`.
 """
 import math
 
 from ..sampling import Solver, sample
 from .registry import register
-from .sde import DPMpp2MSDE, DPMpp3MSDE, sample_dpmpp_2m_sde, sample_dpmpp_2m_sde_heun, sample_dpmpp_3m_sde
 
-__all__ = ["DEIS", "IPNDM", "LMS", "DPMpp2MSDE", "DPMpp3MSDE", "adams_bashforth_coefficients",
-           "deis_coefficients", "lms_coefficients", "sample_deis", "sample_dpmpp_2m_sde",
-           "sample_dpmpp_2m_sde_heun", "sample_dpmpp_3m_sde", "sample_ipndm", "sample_lms"]
+__all__ = ["DEIS", "IPNDM", "LMS", "adams_bashforth_coefficients", "deis_coefficients", "lagrange_basis",
+           "lms_coefficients", "sample_deis", "sample_ipndm", "sample_lms"]
 
 
 # --------------------------------------------------------------------------- exact polynomial integrals
