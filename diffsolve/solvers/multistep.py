@@ -121,6 +121,8 @@ class LMS(Solver):
     (nominal: the Euler / lower-order first steps add an O(h^2) term, small on grids that start where the flow
     is nearly linear in sigma; order 4 measures 3.7-3.8 over 64-256 Karras steps)."""
 
+    evaluates_at_start = True  # one model call, at the step's start: flows go after the step
+
     name, stochastic = "lms", False
 
     def __init__(self, order=4):
@@ -144,6 +146,8 @@ class DEIS(Solver):
     first order (returns D), where diffusers never goes. Global order `max_order` (1-3).
 
     Not ComfyUI's `sample_deis` (zju-pi's 'tab' mode integrates in VP time); only the name is ComfyUI's."""
+
+    evaluates_at_start = True  # one model call, at the step's start: flows go after the step
 
     name, stochastic = "deis", False
 
@@ -176,6 +180,8 @@ class IPNDM(Solver):
     sigma = 0 returns D. Fixed weights are exact for uniform steps in sigma (order `max_order` there, less the
     lower-order start); on a non-uniform grid sigma(u) (Karras, log-uniform) their mismatch leaves a local
     O(h^3) error: global order min(max_order, 2), which is what `order` declares."""
+
+    evaluates_at_start = True  # one model call, at the step's start: flows go after the step
 
     name, stochastic = "ipndm", False
 

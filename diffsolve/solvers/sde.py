@@ -31,6 +31,8 @@ def _check_noise(eta, s_noise):
 class _MultistepSDE(Solver):
     """eta, s_noise, the SDE's drift factor and its noise term, shared by 2M and 3M."""
 
+    evaluates_at_start = True  # one model call, at the step's start: flows go after the step
+
     def __init__(self, eta=1.0, s_noise=1.0):
         self.eta, self.s_noise = _check_noise(eta, s_noise)
         self.stochastic = self.eta > 0 and self.s_noise > 0
