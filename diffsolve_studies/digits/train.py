@@ -1,6 +1,8 @@
 """Training of the digits denoisers and the evaluation classifier: cached on disk, resumable from
-checkpoints, every file written atomically. The cache key is a hash of the full training config and the
-data split, so a changed recipe never loads a stale model.
+checkpoints, every file written atomically with a checksum of its content. The cache key is a hash of the
+full training config, the data split and what else changes the bits (diffsolve.runs.environment: torch
+version, thread count, device, dtype), so a changed recipe or setting never loads a stale model; a file that is
+damaged or does not fit the network is reported in a warning naming it and retrained.
 
 Denoiser recipe (EDM, Karras et al. 2022): sigma ~ exp(N(-1.2, 1.2^2)), loss weight
 (sigma^2 + sd^2) / (sigma sd)^2, labels dropped to the "no class" token with probability 0.1 (so CFG works),
@@ -11,8 +13,11 @@ import hashlib
 import json
 import math
 import time
+import warnings
 
 import torch
+
+from diffsolve.runs import RunWarning, environment
 
 from ..toy.train import _atomic_save, _try_load, default_cache_dir
 from .data import dequantize
@@ -33,7 +38,8 @@ def _digest(split):
 
 
 def _paths(kind, config, split, cache_dir):
-    key = hashlib.sha256((json.dumps(config, sort_keys=True) + _digest(split)).encode()).hexdigest()[:16]
+    key = hashlib.sha256((json.dumps({**config, "environment": environment()}, sort_keys=True) + _digest(split))
+                         .encode()).hexdigest()[:16]
     root = (default_cache_dir() if cache_dir is None else cache_dir) / "digits"
     return root / f"{kind}-{key}.pt", root / f"{kind}-{key}.ckpt.pt"
 
@@ -69,21 +75,39 @@ def _train(kind, build, loss_fn, cfg, split, cache_dir, progress, checkpoint_eve
     """Shared loop: load the cached final model, else resume from a checkpoint, else start; returns the
     (EMA, for denoisers) network in eval mode with `train_seconds` and `cache_path` attributes."""
     final, ckpt = _paths(kind, cfg, split, cache_dir)
+    config = json.dumps(cfg, sort_keys=True)
     net = build()
-    if final.exists() and (data := _try_load(final, f"cached {kind}")) is not None and data["config"] == json.dumps(cfg, sort_keys=True):
-        net.load_state_dict(data["state"])
-        net.train_seconds, net.cache_path = float(data["train_seconds"]), final
-        return net.eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    torch.manual_seed(cfg["seed"])
-    net = build()
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    data = _try_load(final, f"cached {kind}", ("config", "state", "train_seconds")) if final.exists() else None
+    if data is not None and data["config"] == config:
+        try:
+            net.load_state_dict(data["state"])
+            net.train_seconds, net.cache_path = float(data["train_seconds"]), final
+            return net.eval().requires_grad_(False)
+        except (RuntimeError, TypeError, ValueError) as err:
+            warnings.warn(f"ignoring cached {kind} {final}: its weights do not fit the network ({err}); it is "
+                          "rebuilt", RunWarning)
+
+    def start_state():
+        gen = torch.Generator().manual_seed(cfg["seed"])
+        torch.manual_seed(cfg["seed"])
+        net = build()
+        ema = copy.deepcopy(net).requires_grad_(False)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+        return gen, net, ema, opt
+
+    gen, net, ema, opt = start_state()
     start, elapsed = 0, 0.0
-    if ckpt.exists() and (state := _try_load(ckpt, f"{kind} checkpoint")) is not None and state["config"] == json.dumps(cfg, sort_keys=True):
-        net.load_state_dict(state["net"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
-        gen.set_state(state["generator"])
-        start, elapsed = int(state["iteration"]), float(state["train_seconds"])
+    keys = ("config", "net", "ema", "opt", "generator", "iteration", "train_seconds")
+    state = _try_load(ckpt, f"{kind} checkpoint", keys) if ckpt.exists() else None
+    if state is not None and state["config"] == config:
+        try:
+            net.load_state_dict(state["net"]), ema.load_state_dict(state["ema"]), opt.load_state_dict(state["opt"])
+            gen.set_state(state["generator"])
+            start, elapsed = int(state["iteration"]), float(state["train_seconds"])
+        except (RuntimeError, TypeError, ValueError) as err:
+            warnings.warn(f"ignoring {kind} checkpoint {ckpt}: it does not fit the network ({err}); starting "
+                          "over", RunWarning)
+            gen, net, ema, opt = start_state()
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -1,6 +1,6 @@
 """The fractal tree of Karras et al. (2024) as the MSD paper draws it, and pinwheel / spiral.
 
-The tree is built from its published recipe (docs: ../shared/design/toy-experiments.md §1.1-1.2):
+The tree is built from its published recipe (the design notes: design/toy-experiments.md §1.1-1.2):
 8 anisotropic Gaussians per branch, binary branching, per-axis scale. The MSD figures show a depth-5
 tree whose class A points straight up and class B straight down; that is the default here.
 """

@@ -1,5 +1,5 @@
 """The small 2D score network of the toy studies (Karras et al. 2024, "Guiding a diffusion model with a bad
-version of itself", toy example; architecture as described in ../shared/design/toy-experiments.md §1.4).
+version of itself", toy example; architecture as described in the design notes, design/toy-experiments.md §1.4).
 
 The network models a log-density, not a denoiser:
 

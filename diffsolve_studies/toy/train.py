@@ -1,5 +1,5 @@
-"""Training recipe of the toy score networks (Karras et al. 2024 toy example; design doc
-../shared/design/toy-experiments.md §1.4-1.5), with an on-disk cache and resumable checkpoints.
+"""Training recipe of the toy score networks (Karras et al. 2024 toy example; the project's design notes,
+design/toy-experiments.md §1.4-1.5), with an on-disk cache and resumable checkpoints.
 
 Recipe (per iteration ``it`` = 0, 1, ...):
   * sigma = exp(N(-2.3, 1.5^2)) per sample, x ~ p_sigma (exact mixture samples), batch 4096;
@@ -10,11 +10,13 @@ Recipe (per iteration ``it`` = 0, 1, ...):
 All randomness (initial weights, sigmas, samples) comes from one explicit torch.Generator seeded with ``seed``.
 The returned model is the EMA network in eval mode.
 
-Cache: ``<cache_dir>/toy_models/<name>-<key>.pt`` where ``key`` hashes the recipe, the config and the mixture
-parameters. Every ``checkpoint_every`` iterations the full training state (net, EMA, optimiser, generator,
+Cache: ``<cache_dir>/toy_models/<name>-<key>.pt`` where ``key`` hashes the recipe, the config, the mixture
+parameters and what else changes the bits (diffsolve.runs.environment: torch version, thread count, device,
+dtype). Every ``checkpoint_every`` iterations the full training state (net, EMA, optimiser, generator,
 iteration, loss history, elapsed seconds) is written to ``<name>-<key>.ckpt.pt``; an interrupted run resumes
-from it and ends with bit-identical weights (same machine, same thread count). All writes are atomic
-(temporary file in the same directory + os.replace).
+from it and ends with bit-identical weights. Every file carries a sha256 of its content and is loaded with
+``weights_only=True``; one that is damaged, fails its checksum or lacks the expected keys / shapes is
+reported in a warning naming it and retrained. All writes are atomic (temporary file + os.replace).
 """
 from __future__ import annotations
 
@@ -33,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffsolve._io import atomic_write
 from diffsolve.analytic import GaussianMixture
+from diffsolve.runs import RunWarning, environment, load_checked, save_checked
 from .model import ToyModel
 
 __all__ = ["MixtureScore", "power_function_beta", "std_to_exp", "toy_models", "train_toy_model",
@@ -165,15 +167,16 @@ def _config(hidden_dim, num_layers, iterations, batch, seed) -> dict:
 
 
 def _cache_paths(cache_dir, name, config, digest):
-    key = hashlib.sha256((json.dumps(config, sort_keys=True) + digest).encode()).hexdigest()[:16]
+    key = hashlib.sha256((json.dumps({**config, "environment": environment()}, sort_keys=True) + digest)
+                         .encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "toy")
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "toy_models"
     return root / f"{safe}-{key}.pt", root / f"{safe}-{key}.ckpt.pt"
 
 
 def _atomic_save(obj, path: Path) -> None:
-    """torch.save through a temporary file and os.replace; no partial file on failure."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save (with a content checksum) through a temporary file and os.replace; no partial file."""
+    save_checked(obj, path)
 
 
 def _build(config, generator: torch.Generator) -> ToyModel:
@@ -182,23 +185,31 @@ def _build(config, generator: torch.Generator) -> ToyModel:
                     sigma_data=r["sigma_data"], generator=generator)
 
 
-def _try_load(path: Path, what: str):
-    """torch.load(path) or None (with a warning) if the file is unreadable."""
+def _try_load(path: Path, what: str, keys=()):
+    """The checked dict at `path` (weights_only=True), or None with a warning naming the file."""
+    return load_checked(path, what, keys)
+
+
+def _same_config(data, config) -> bool:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged cache file is retrained, not fatal
-        warnings.warn(f"ignoring unreadable {what} {path}: {exc!r}")
-        return None
+        return json.loads(data["config"]) == json.loads(json.dumps(config))
+    except (TypeError, ValueError):
+        return False
 
 
 def _load_final(path: Path, config: dict) -> Optional[ToyModel]:
-    data = _try_load(path, "cached model")
-    if data is None or json.loads(data["config"]) != json.loads(json.dumps(config)):
-        return None  # unreadable, hash collision or stale format: retrain
+    data = _try_load(path, "cached model", ("config", "ema", "train_seconds", "losses"))
+    if data is None or not _same_config(data, config):
+        return None  # unreadable, damaged, hash collision or stale format: retrain
     model = _build(config, torch.Generator())
-    model.load_state_dict(data["ema"])
+    try:
+        model.load_state_dict(data["ema"])
+        model.train_seconds = float(data["train_seconds"])
+    except (RuntimeError, TypeError, ValueError, KeyError) as err:
+        warnings.warn(f"ignoring cached model {path}: its weights do not fit the model ({err}); it is rebuilt",
+                      RunWarning)
+        return None
     model.eval().requires_grad_(False)
-    model.train_seconds = float(data["train_seconds"])
     model.losses = data["losses"]
     model.cache_path = path
     model.train_config = config
@@ -238,14 +249,23 @@ def train_toy_model(gmm: GaussianMixture, *, hidden_dim: int = 64, num_layers: i
     opt = torch.optim.Adam(net.parameters(), lr=learning_rate(0), betas=RECIPE["betas"])
     gamma = std_to_exp(RECIPE["ema_std"])
     start, losses, elapsed = 0, [], 0.0
-    state = _try_load(ckpt_path, "checkpoint") if ckpt_path.exists() else None
-    if state is not None:
-        if json.loads(state["config"]) == json.loads(json.dumps(config)):
+    keys = ("config", "net", "ema", "opt", "generator", "iteration", "losses", "train_seconds")
+    state = _try_load(ckpt_path, "checkpoint", keys) if ckpt_path.exists() else None
+    if state is not None and _same_config(state, config):
+        try:
             net.load_state_dict(state["net"])
             ema.load_state_dict(state["ema"])
             opt.load_state_dict(state["opt"])
             gen.set_state(state["generator"])
             start, losses, elapsed = int(state["iteration"]), state["losses"].tolist(), float(state["train_seconds"])
+        except (RuntimeError, TypeError, ValueError, KeyError) as err:
+            warnings.warn(f"ignoring checkpoint {ckpt_path}: it does not fit the model ({err}); starting over",
+                          RunWarning)
+            gen = torch.Generator().manual_seed(int(seed))
+            net = _build(config, gen).train()
+            ema = copy.deepcopy(net).eval().requires_grad_(False)
+            opt = torch.optim.Adam(net.parameters(), lr=learning_rate(0), betas=RECIPE["betas"])
+            start, losses, elapsed = 0, [], 0.0
 
     target = MixtureScore(gmm)
     mdtype = gmm.means.dtype
