@@ -1,13 +1,19 @@
 """Runner of the digits testbed (benchmarks/digits.py, `diffsolve digits`): trains (or loads) the models,
-checks the testbed, runs the comparison; resumable, every result written atomically.
+checks the testbed, runs the comparison; resumable, into an output folder that one run owns
+(`diffsolve.runs.RunFolder`: a lock, the options it was started with, the sha256 of every artifact).
 
-    diffsolve digits                 # full study -> benchmarks/results/digits.json, .md, figures
-    diffsolve digits --quick         # tiny models and budget: every method runs (seconds)
+    diffsolve digits                 # full study -> outputs/digits/digits.json, .md, figures/
+    diffsolve digits --quick         # tiny models and budget: every method runs -> outputs/digits/quick/
+
+Layout: <name>.run.json and <name>.manifest.jsonl (options, checksums), <name>_images/<run>.npy (final
+images) with <run>.json (the run's record) beside it, <name>_images/_testbed.json, and the derived
+<name>.json / <name>.md, rebuilt on every call from the parts that verify.
 """
-import argparse
+import io
 import json
 import re
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -15,16 +21,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from diffsolve._io import atomic_write, write_json
+from diffsolve._io import write_json
+from diffsolve.runs import ArgumentParser, RunError, RunFolder, RunWarning, at_least, check_writable, environment
 from . import study, train
 from .data import dequantize, load_digits_split
 from .evaluate import nll_bpp
 
-ROOT = Path(__file__).resolve().parents[2]
 QUICK_TRAINING = {"denoiser": dict(train.DENOISER, width=32, depth=1, iterations=60),
                   "weak": dict(train.WEAK_DENOISER, width=16, depth=1, iterations=30),
                   "classifier": dict(train.CLASSIFIER, width=32, iterations=60)}
 FULL_TRAINING = {"denoiser": train.DENOISER, "weak": train.WEAK_DENOISER, "classifier": train.CLASSIFIER}
+# measured on 2 cores of an x86 server, OMP_NUM_THREADS=1 (see the report of issue 15)
+QUICK_TIME = "about 1 minute with a cold model cache, 40 s warm"
 
 
 def load_testbed(training, cache_dir=None, progress=True, seed=0):
@@ -72,28 +80,80 @@ def _slug(key):
     return re.sub(r"[^A-Za-z0-9.]+", "_", key)
 
 
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def open_folder(out_dir, cfg, training, name="digits"):
+    """The (unopened) RunFolder of study `name`; a <name>.json left by an older version must agree."""
+    def previous():
+        try:
+            old = json.loads((Path(out_dir) / f"{name}.json").read_text())
+            return {**old["config"], "training": old["training"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    config = {**_jsonable(asdict(cfg)), "training": _jsonable(training), **environment()}
+    return RunFolder(out_dir, name, config, previous=previous)
+
+
+def _load_run(folder, name, key, n_images):
+    rel = f"{name}_images/{_slug(key)}"
+    record, data = folder.read_json(rel + ".json"), folder.read_bytes(rel + ".npy")
+    if record is None or data is None:
+        return None
+    try:
+        shape = np.load(io.BytesIO(data)).shape
+    except ValueError as err:
+        shape = f"unreadable ({err})"
+    if shape != (n_images, 64):
+        folder.reject(rel + ".npy", f"holds images of shape {shape}, not ({n_images}, 64)")
+        return None
+    if record.get("key") != key:
+        folder.reject(rel + ".json", f"is the record of {record.get('key')!r}, not {key!r}")
+        return None
+    return {k: v for k, v in record.items() if k != "key"}
+
+
+def collect(folder, name, cfg, training):
+    """The results dict (as <name>.json holds it) from the parts of `folder` that verify."""
+    results = {"name": name, "config": _jsonable(asdict(cfg)), "training": _jsonable(training), "runs": {}}
+    n = len(study.labels_for(cfg))
+    for r in study.plan(cfg, ablations=True):
+        record = _load_run(folder, name, r.key, n)
+        if record is not None:
+            results["runs"][r.key] = record
+    testbed = folder.read_json(f"{name}_images/_testbed.json")
+    if testbed is not None:
+        results["testbed"] = testbed
+    return results
+
+
 def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="digits.json", only=None,
-              ablations=True):
-    """All runs of `study.plan(cfg)` (or those whose key contains `only`); resumes from the JSON when its
-    config matches; writes the JSON after every run and the final images as .npy beside it."""
-    out_dir = Path(out_dir)
-    json_path, img_dir = out_dir / json_name, out_dir / (Path(json_name).stem + "_images")
+              ablations=True, folder=None):
+    """All runs of `study.plan(cfg)` (or those whose key contains `only`) in `out_dir`, resuming from the parts
+    there that verify; writes each run's images (.npy) and record as it finishes, and the JSON after every run.
+    `folder`: an open RunFolder of out_dir (else one is opened and held for the call)."""
+    name = Path(json_name).stem
+    if folder is None:
+        with open_folder(out_dir, cfg, training, name) as folder:
+            return run_study(cfg, training, out_dir, cache_dir, progress, json_name, only, ablations, folder)
+    json_path, img_dir = folder.root / json_name, f"{name}_images"
     t0 = time.perf_counter()
     split, models, ref = load_testbed(training, cache_dir, progress)  # one split and one set of models for every seed
-    results = {"name": Path(json_name).stem, "config": json.loads(json.dumps(asdict(cfg))),
-               "training": json.loads(json.dumps(training)), "runs": {}}
+    results = collect(folder, name, cfg, training)
     if json_path.exists():
-        old = json.loads(json_path.read_text())
-        if old.get("config") == results["config"] and old.get("training") == results["training"]:
-            results = old
+        try:
+            json.loads(json_path.read_text())
+        except ValueError:
+            warnings.warn(f"{json_path} is damaged; it is rebuilt from the per-run records", RunWarning)
     results["training_seconds"] = {k: m.train_seconds for k, m in models.items()}
     if "testbed" not in results:
         results["testbed"] = testbed_checks(models, ref, cfg)
+        folder.write_json(f"{img_dir}/_testbed.json", results["testbed"])
         write_json(json_path, results)
     runs = [r for r in study.plan(cfg, ablations=ablations) if only is None or only in r.key]
     for r in tqdm(runs, desc="digits runs", disable=not progress):
-        npy = img_dir / f"{_slug(r.key)}.npy"
-        if r.key in results["runs"] and npy.exists():
+        if r.key in results["runs"]:
             continue
         start = time.perf_counter()
         labels = study.labels_for(cfg)
@@ -106,7 +166,8 @@ def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="
         if torch.isfinite(x).all():
             record["final"]["nll_bpp"] = study.likelihood(x, labels, models, cfg)
         record["seconds"] = time.perf_counter() - start
-        atomic_write(npy, lambda f: np.save(f, x.numpy().astype(np.float16)))
+        folder.write_with(f"{img_dir}/{_slug(r.key)}.npy", lambda f: np.save(f, x.numpy().astype(np.float16)))
+        folder.write_json(f"{img_dir}/{_slug(r.key)}.json", {"key": r.key, **_jsonable(record)})
         results["runs"][r.key] = record
         write_json(json_path, results)
     results["study_seconds_this_call"] = time.perf_counter() - t0
@@ -114,33 +175,52 @@ def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="
     return results
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="diffsolve digits", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny models, 2 images per class, budget 96 (seconds)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results, or outputs/digits-quick)")
-    p.add_argument("--cache-dir", default=None, help="trained models ($DIFFSOLVE_CACHE or ~/.cache/diffsolve)")
-    p.add_argument("--budget", type=int, default=None, help="model evaluations per image per run")
-    p.add_argument("--only", default=None, help="run only the runs whose key contains this text")
-    p.add_argument("--seed", type=int, default=0, help="another seed (initial images, noise) of the same "
+def _parser():
+    p = ArgumentParser(prog="diffsolve digits", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"tiny models, 2 images per class, budget 96: {QUICK_TIME}")
+    p.add_argument("--out", default=None, help="results folder, relative to the current folder (default: "
+                   "outputs/digits, with --quick outputs/digits/quick)")
+    p.add_argument("--figures", default=None, help="figures folder (default: <out>/figures)")
+    p.add_argument("--cache-dir", default=None, help="trained models (default: $DIFFSOLVE_CACHE or "
+                   "~/.cache/diffsolve)")
+    p.add_argument("--budget", type=at_least(1), default=None, help="model evaluations per image per run, >= 1 "
+                   f"(default: {study.DigitsConfig.budget}, with --quick {study.quick_config().budget})")
+    p.add_argument("--only", default=None, help="run only the runs whose key contains this text (default: all)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="another seed (initial images, noise) of the same "
                    "trained models; writes digits_seed<N>.json and no figures")
     p.add_argument("--main-grid", action="store_true", help="only the DDIM references and the main table's runs")
-    p.add_argument("--no-figures", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-figures", action="store_true", help="tables only, no figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None):
+    p = _parser()
     args = p.parse_args(argv)
     cfg = study.quick_config() if args.quick else study.DigitsConfig()
     if args.budget is not None:
-        if args.budget < 1:
-            raise SystemExit(f"--budget must be >= 1, got {args.budget}")
         cfg = replace(cfg, budget=args.budget)
     if args.seed:
         cfg = replace(cfg, seed=args.seed)
+    if args.only is not None and not any(args.only in r.key for r in study.plan(cfg, ablations=not args.main_grid)):
+        p.error(f"--only {args.only!r} matches no run (keys look like {study.plan(cfg)[-1].key!r})")
     training = QUICK_TRAINING if args.quick else FULL_TRAINING
-    out = Path(args.out) if args.out else (Path("outputs/digits-quick") if args.quick else ROOT / "benchmarks" / "results")
+    out = Path(args.out) if args.out else Path("outputs/digits/quick" if args.quick else "outputs/digits")
+    figures = not args.no_figures and not args.seed
+    fig_dir = Path(args.figures) if args.figures else out / "figures"
     cache = Path(args.cache_dir) if args.cache_dir else None
     name = ("digits-quick" if args.quick else "digits") + (f"_seed{args.seed}" if args.seed else "")
-    results = run_study(cfg, training, out, cache, not args.no_progress, only=args.only,
-                        json_name=f"{name}.json", ablations=not args.main_grid)
+    try:
+        check_writable(out, "--out")
+        if figures:
+            check_writable(fig_dir, "--figures")
+        check_writable(cache if cache is not None else train.default_cache_dir(), "--cache-dir")
+        folder = open_folder(out, cfg, training, name).open()
+    except RunError as err:
+        p.error(str(err))
     from .report import write_report
-    write_report(results, out, figures=not args.no_figures and not args.seed,
-                 fig_dir=(out / "figures") if args.quick or args.out else ROOT / "docs" / "figures")
+    with folder:
+        results = run_study(cfg, training, out, cache, not args.no_progress, only=args.only,
+                            json_name=f"{name}.json", ablations=not args.main_grid, folder=folder)
+        write_report(results, out, figures=figures, fig_dir=fig_dir)
     return results

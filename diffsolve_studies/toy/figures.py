@@ -40,7 +40,7 @@ def study_figures(results, datasets, out_dir, figures_dir, cache_dir=None, itera
                 ax = axes[r, c]
                 ax.imshow(logp, extent=(-LIM, LIM, -LIM, LIM), origin="lower", cmap="Greys", alpha=0.6)
                 f = Path(out_dir) / "toy2d_points" / f"{name}_{column}_{method}.npy"
-                if f.exists():
+                if f"{name}/{column}/{method}" in results["runs"] and f.exists():  # verified by the runner
                     pts = np.load(f)
                     ax.scatter(pts[:, 0], pts[:, 1], s=0.5, c="tab:orange")
                     m = results["runs"][f"{name}/{column}/{method}"]["metrics"]

@@ -1,8 +1,17 @@
-"""Runner of the 2D studies: resumable, every result written atomically (benchmarks/toy2d.py, `diffsolve toy`)."""
-import argparse
+"""Runner of the 2D studies (benchmarks/toy2d.py, `diffsolve toy`): resumable, and its output folder is a
+`diffsolve.runs.RunFolder` that one run owns (a lock), that keeps the options it was started with (a re-run
+with others is refused) and the sha256 of everything it wrote (a damaged file is recomputed, with a warning).
+
+Layout of the output folder (`--out`):
+    toy2d.run.json, toy2d.manifest.jsonl        the options; the checksum of every artifact below
+    toy2d_points/<data>_<column>_<method>.npy   the final points of one run, and beside it its record (.json)
+    toy2d_parts/{efficiency,landscapes}_<data>_<column>.json, toy2d_parts/training_<data>.json
+    toy2d.json, toy2d.md                        derived: rebuilt on every call from the parts that verify
+"""
+import io
 import json
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,45 +19,116 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsolve._io import atomic_write, write_json
+from diffsolve.runs import ArgumentParser, RunError, RunFolder, RunWarning, at_least, check_writable, environment
 from . import study
+from .tables import PAPER_KEYS, markdown_tables, paper_tables  # noqa: F401 - part of this module's interface
 
-PAPER_KEYS = {"ideal": 0, "learned": 1, "cfg": 2, "autoguidance": 3}
+NAME = "toy2d"
 QUICK = dict(grid=8, data_points=500, n_mc=1, steps=4, ideal_steps=2, chain_steps=8)
+# measured on 2 cores of an x86 server, OMP_NUM_THREADS=1 (see the report of issue 15)
+QUICK_TIME = ("about 2 minutes for the three data sets with a cold model cache (half of it drawing the KDE "
+              "densities of the figures), 1.5 minutes warm; --datasets fractal alone about 25 s")
 
 
 def save_json(path, data):
     write_json(path, data)
 
 
-def save_npy(path, array):
-    atomic_write(path, lambda f: np.save(f, array))
-
-
 def save_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def run(datasets, cfg, out_dir, cache_dir=None, iterations_scale=1.0, efficiency_k=64, progress=True,
-        landscapes=True):
-    """All runs of the study; resumes from `out_dir/toy2d.json` when its config matches."""
-    out_dir = Path(out_dir)
-    json_path = out_dir / "toy2d.json"
+def folder_config(cfg, iterations_scale, efficiency_k):
+    """What a run folder's results depend on: the study's options and the environment (thread count...)."""
+    return {**study.config_dict(cfg), "iterations_scale": iterations_scale, "efficiency_k": efficiency_k,
+            **environment()}
+
+
+def open_folder(out_dir, cfg, iterations_scale=1.0, efficiency_k=64):
+    """The (unopened) RunFolder of a study; a toy2d.json left by an older version must agree with cfg."""
+    def previous():
+        try:
+            old = json.loads((Path(out_dir) / f"{NAME}.json").read_text())
+            return {**old["config"], "iterations_scale": old["iterations_scale"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return RunFolder(out_dir, NAME, folder_config(cfg, iterations_scale, efficiency_k), previous=previous)
+
+
+def _points(name, column, method, ext):
+    return f"toy2d_points/{name}_{column}_{method}.{ext}"
+
+
+def _part(kind, key):
+    return f"toy2d_parts/{kind}_{key.replace('/', '_')}.json"
+
+
+def _load_run(folder, key, n_points):
+    """The record of run `key` if it and its points verify (checksum and shape), else None."""
+    npy = _points(*key.split("/"), "npy")
+    record, data = folder.read_json(_points(*key.split("/"), "json")), folder.read_bytes(npy)
+    if record is None or data is None:
+        return None
+    try:
+        shape = np.load(io.BytesIO(data)).shape
+    except ValueError as err:
+        shape = f"unreadable ({err})"
+    if shape != (n_points, 2):
+        folder.reject(npy, f"holds points of shape {shape}, not ({n_points}, 2)")
+        return None
+    if record.get("key") != key:
+        folder.reject(_points(*key.split("/"), "json"), f"is the record of {record.get('key')!r}, not {key!r}")
+        return None
+    return {k: v for k, v in record.items() if k != "key"}
+
+
+def collect(folder, cfg, iterations_scale):
+    """The results dict (as toy2d.json holds it) from the parts of `folder` that verify."""
     results = {"config": study.config_dict(cfg), "iterations_scale": iterations_scale, "runs": {},
                "efficiency": {}, "training_seconds": {}, "landscapes": {}}
+    for name, columns in study.COLUMNS.items():
+        seconds = folder.read_json(_part("training", name))
+        if seconds is not None:
+            results["training_seconds"][name] = seconds
+        for column in columns:
+            for method in study.METHODS:
+                key = f"{name}/{column}/{method}"
+                record = _load_run(folder, key, cfg.grid ** 2)
+                if record is not None:
+                    results["runs"][key] = record
+            for kind in ("efficiency", "landscapes"):
+                part = folder.read_json(_part(kind, f"{name}/{column}"))
+                if part is not None:
+                    results[kind][f"{name}/{column}"] = part
+    return results
+
+
+def run(datasets, cfg, out_dir, cache_dir=None, iterations_scale=1.0, efficiency_k=64, progress=True,
+        landscapes=True, folder=None):
+    """All runs of the study in `out_dir`, resuming from the parts there that verify; `folder`: an open
+    RunFolder of out_dir (else one is opened and held for the call)."""
+    if folder is None:
+        with open_folder(out_dir, cfg, iterations_scale, efficiency_k) as folder:
+            return run(datasets, cfg, out_dir, cache_dir, iterations_scale, efficiency_k, progress, landscapes,
+                       folder)
+    json_path = folder.root / f"{NAME}.json"
+    results = collect(folder, cfg, iterations_scale)
     if json_path.exists():
-        old = json.loads(json_path.read_text())
-        if old.get("config") == results["config"] and old.get("iterations_scale") == iterations_scale:
-            results = old
+        try:
+            json.loads(json_path.read_text())
+        except ValueError:
+            import warnings
+            warnings.warn(f"{json_path} is damaged; it is rebuilt from the per-run records", RunWarning)
     torch.manual_seed(cfg.seed)
     for name in datasets:
         ds = study.load_dataset(name, cache_dir, progress, iterations_scale, cfg.data_points)
         results["training_seconds"][name] = {k: m.train_seconds for k, m in ds["models"].items()}
+        folder.write_json(_part("training", name), results["training_seconds"][name])
         for column in study.COLUMNS[name]:
             model, transforms, inversion = study.column_model(ds, column, cfg)
             for method in study.METHODS:
                 key = f"{name}/{column}/{method}"
-                npy = out_dir / "toy2d_points" / f"{name}_{column}_{method}.npy"
-                if key in results["runs"] and npy.exists():
+                if key in results["runs"]:
                     continue
                 gen = torch.Generator().manual_seed(cfg.seed)
                 t0 = time.perf_counter()
@@ -61,12 +141,14 @@ def run(datasets, cfg, out_dir, cache_dir=None, iterations_scale=1.0, efficiency
                         pts, nfe, log = study.optimise(method, model, transforms, inversion, column,
                                                        study.grid_points(cfg.grid), cfg, gen, bar)
                 seconds = time.perf_counter() - t0
-                save_npy(npy, pts.numpy())
-                results["runs"][key] = {"seconds": seconds, "nfe_per_step": nfe, "metrics": study.evaluate(pts, ds),
-                                        "grad_norm_log": [r["grad_norm"] for r in log]}
+                entry = {"seconds": seconds, "nfe_per_step": nfe, "metrics": study.evaluate(pts, ds),
+                         "grad_norm_log": [r["grad_norm"] for r in log]}
+                folder.write_with(_points(name, column, method, "npy"), lambda f: np.save(f, pts.numpy()))
+                folder.write_json(_points(name, column, method, "json"), {"key": key, **entry})
+                results["runs"][key] = entry
                 save_json(json_path, results)
                 if progress:
-                    m = results["runs"][key]["metrics"]
+                    m = entry["metrics"]
                     print(f"{key}: {seconds:.1f}s NLL {m['nll']:.2f} P {m['precision']:.2f} R {m['recall']:.2f}")
             if column in ("ideal", "learned") and f"{name}/{column}" not in results["efficiency"]:
                 pts = study.grid_points(max(2, cfg.grid // 8))
@@ -74,116 +156,89 @@ def run(datasets, cfg, out_dir, cache_dir=None, iterations_scale=1.0, efficiency
                 results["efficiency"][f"{name}/{column}"] = {
                     m: study.efficiency_points(m, model, transforms, inversion, column, cfg, oracle, pts, efficiency_k)
                     for m in study.METHODS[1:]}
+                folder.write_json(_part("efficiency", f"{name}/{column}"), results["efficiency"][f"{name}/{column}"])
                 save_json(json_path, results)
             if landscapes and f"{name}/{column}" not in results["landscapes"]:
                 results["landscapes"][f"{name}/{column}"] = {
                     m: study.landscape(m, model, transforms, inversion, column, cfg, n=32 if cfg.grid > 16 else 8,
                                        k=8).tolist() for m in study.METHODS[1:]}
+                folder.write_json(_part("landscapes", f"{name}/{column}"), results["landscapes"][f"{name}/{column}"])
                 save_json(json_path, results)
     return results
 
 
-def _fmt(v, digits=2):
-    return "–" if v is None else f"{v:.{digits}f}"
+def _parser():
+    p = ArgumentParser(prog="diffsolve toy", description="The paper's 2D studies (Tables 1-3, Figs 1-3).")
+    p.add_argument("--quick", action="store_true", help=f"tiny settings, for tests and a first look: {QUICK_TIME}")
+    p.add_argument("--datasets", default="fractal,spiral,pinwheel", help="comma-separated data sets")
+    p.add_argument("--out", default=None, help="results folder, relative to the current folder (default: "
+                   "outputs/toy, with --quick outputs/toy/quick)")
+    p.add_argument("--figures", default=None, help="figures folder (default: <out>/figures)")
+    p.add_argument("--cache", default=None, help="model cache (default: $DIFFSOLVE_CACHE or ~/.cache/diffsolve)")
+    p.add_argument("--paper", default=None, help="the paper's tables as JSON (default: the copy shipped in "
+                   "diffsolve_studies/data)")
+    p.add_argument("--grid", type=at_least(2), default=None, help="points per axis of the optimised grid, >= 2 "
+                   f"(default: {study.StudyConfig.grid}, with --quick {QUICK['grid']})")
+    p.add_argument("--n-mc", type=at_least(1), default=None, help="Monte Carlo estimates per point and gradient, "
+                   f">= 1 (default: {study.StudyConfig.n_mc}, with --quick {QUICK['n_mc']})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars and no line per run")
+    p.add_argument("--tables-only", action="store_true", help="re-render tables and figures from the results in "
+                   "--out (whatever options made them); computes nothing")
+    return p
 
 
-def paper_tables():
-    """The paper's Tables 1-3 as data (a copy of shared/data/paper_tables.json shipped with the package)."""
-    from importlib.resources import files
-    return json.loads(files("diffsolve_studies").joinpath("data/paper_tables.json").read_text())
-
-
-def markdown_tables(results, paper):
-    """Our numbers beside the paper's, one table per data set and metric."""
-    lines = []
-    for name in ("fractal", "spiral", "pinwheel"):
-        cols = [c for c in study.COLUMNS[name] if any(k.startswith(f"{name}/{c}/") for k in results["runs"])]
-        if not cols:
-            continue
-        table = paper["table1_fractal"] if name == "fractal" else paper["table2_unconditional"][name]
-        for metric, paper_key, digits in (("nll", "nll", 2), ("precision", "precision", 2), ("recall", "recall", 2),
-                                          ("mmd_biased_e4", "mmd_x1e4", 2), ("mmd_unbiased_e4", None, 2)):
-            lines += [f"\n**{name}: {metric}** (ours / paper)\n", "| method | " + " | ".join(cols) + " |",
-                      "|---|" + "---|" * len(cols)]
-            for method in study.METHODS:
-                cells = []
-                for c in cols:
-                    run = results["runs"].get(f"{name}/{c}/{method}")
-                    ours = _fmt(run["metrics"][metric], digits) if run else "–"
-                    theirs = table[paper_key][method][PAPER_KEYS[c]] if paper_key else None
-                    cells.append(f"{ours} / {_fmt(theirs, digits)}")
-                lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["\n**The paper's claim, per column: MSD beats SDS and VSD in NLL and in precision**\n",
-              "| data / column | NLL: MSD < SDS, VSD | precision: MSD > SDS, VSD | MSD NLL, abs(ours - paper) | "
-              "NLL rank of MSD among SDS/VSD/SDI/MSD (ours / paper) |", "|---|---|---|---|---|"]
-    for name in ("fractal", "spiral", "pinwheel"):
-        table = paper["table1_fractal"] if name == "fractal" else paper["table2_unconditional"].get(name)
-        for c in study.COLUMNS[name]:
-            runs = {m: results["runs"].get(f"{name}/{c}/{m}") for m in study.METHODS[1:]}
-            if not all(runs.values()):
-                continue
-            nll = {m: r["metrics"]["nll"] for m, r in runs.items()}
-            prec = {m: r["metrics"]["precision"] for m, r in runs.items()}
-            paper_nll = {m: table["nll"][m][PAPER_KEYS[c]] for m in runs}
-            rank = sorted(nll, key=nll.get).index("msd") + 1
-            paper_rank = sorted(paper_nll, key=paper_nll.get).index("msd") + 1
-            lines.append(f"| {name}/{c} | {'yes' if nll['msd'] < min(nll['sds'], nll['vsd']) else 'no'} | "
-                         f"{'yes' if prec['msd'] > max(prec['sds'], prec['vsd']) else 'no'} | "
-                         f"{abs(nll['msd'] - paper_nll['msd']):.2f} | {rank} / {paper_rank} |")
-    if results["efficiency"]:
-        lines += ["\n**Efficiency (eq. 17), ln(mean efficiency): own mean / oracle / paper**\n",
-                  "| data / column | " + " | ".join(study.METHODS[1:]) + " |", "|---|" + "---|" * 4]
-        for key, per in results["efficiency"].items():
-            name, column = key.split("/")
-            paper_row = paper["table3_efficiency_log"][name]
-            cells = []
-            for m in study.METHODS[1:]:
-                own = "deterministic" if per[m]["own_mean"]["deterministic"] else _fmt(per[m]["own_mean"]["log_mean_efficiency"])
-                cells.append(f"{own} / {_fmt(per[m]['oracle']['log_mean_efficiency'])} / "
-                             f"{_fmt(paper_row[m][0 if column == 'ideal' else 1])}")
-            lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def _stored_config(config):
+    names = {f.name for f in fields(study.StudyConfig)}
+    return study.StudyConfig(**{k: v for k, v in config.items() if k in names})
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="diffsolve toy", description="The paper's 2D studies (Tables 1-3, Figs 1-3).")
-    p.add_argument("--quick", action="store_true", help="tiny settings (< 1 minute) for tests")
-    p.add_argument("--datasets", default="fractal,spiral,pinwheel")
-    p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--figures", default="docs/figures")
-    p.add_argument("--cache", default=None, help="model cache (default $DIFFSOLVE_CACHE or ~/.cache/diffsolve)")
-    p.add_argument("--paper", default=None, help="the paper's tables as JSON (default: the copy shipped in diffsolve_studies/data)")
-    p.add_argument("--grid", type=int)
-    p.add_argument("--n-mc", type=int)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--tables-only", action="store_true", help="re-render tables and figures from the saved JSON")
+    p = _parser()
     a = p.parse_args(argv)
     cfg = replace(study.StudyConfig(), **QUICK) if a.quick else study.StudyConfig()
     cfg = replace(cfg, **{k: v for k, v in (("grid", a.grid), ("n_mc", a.n_mc)) if v is not None})
     datasets = [d for d in a.datasets.split(",") if d]
     for d in datasets:
         if d not in study.COLUMNS:
-            raise SystemExit(f"unknown dataset {d!r}; choose from {sorted(study.COLUMNS)}")
-    if a.tables_only:
-        results = json.loads((Path(a.out) / "toy2d.json").read_text())
-    else:
-        t0 = time.perf_counter()
-        results = run(datasets, cfg, a.out, a.cache, 0.01 if a.quick else 1.0, 8 if a.quick else 64,
-                      not a.no_progress, landscapes=True)
-        results["seconds_total"] = time.perf_counter() - t0
-        save_json(Path(a.out) / "toy2d.json", results)
-    paper = json.loads(Path(a.paper).read_text()) if a.paper else paper_tables()
-    if paper:
-        md = markdown_tables(results, paper)
-        save_text(Path(a.out) / "toy2d.md", md)
-        print(md)
+            p.error(f"--datasets: unknown data set {d!r}; choose from {', '.join(study.COLUMNS)}")
+    if not datasets:
+        p.error("--datasets is empty")
+    scale, k = (0.01, 8) if a.quick else (1.0, 64)
+    out = Path(a.out) if a.out else Path("outputs/toy/quick" if a.quick else "outputs/toy")
+    figures = Path(a.figures) if a.figures else out / "figures"
+    from .train import default_cache_dir
     try:
-        from .figures import study_figures
-        for path in study_figures(results, datasets, a.out, a.figures, a.cache, 0.01 if a.quick else 1.0, cfg):
-            print(f"figure: {path}")
-    except ImportError as e:
-        print(f"figures skipped: {e}")
-    print(f"total {results.get('seconds_total', 0):.0f}s; results in {Path(a.out) / 'toy2d.json'}")
+        paper = json.loads(Path(a.paper).read_text()) if a.paper else paper_tables()
+    except (OSError, ValueError) as err:
+        p.error(f"--paper {a.paper}: {err}")
+    try:
+        check_writable(out, "--out")
+        check_writable(figures, "--figures")
+        if not a.tables_only:
+            check_writable(Path(a.cache) if a.cache else default_cache_dir(), "--cache")
+        folder = (RunFolder(out, NAME, None) if a.tables_only else open_folder(out, cfg, scale, k)).open()
+    except RunError as err:
+        p.error(str(err))
+    with folder:
+        if a.tables_only:
+            cfg = _stored_config(folder.config)
+            results = collect(folder, cfg, folder.config.get("iterations_scale"))
+        else:
+            t0 = time.perf_counter()
+            results = run(datasets, cfg, out, a.cache, scale, k, not a.no_progress, landscapes=True, folder=folder)
+            results["seconds_total"] = time.perf_counter() - t0
+            save_json(out / f"{NAME}.json", results)
+        if paper:
+            md = markdown_tables(results, paper)
+            save_text(out / f"{NAME}.md", md)
+            print(md)
+        try:
+            from .figures import study_figures
+            for path in study_figures(results, datasets, out, figures, a.cache, scale, cfg):
+                print(f"figure: {path}")
+        except ImportError as e:
+            print(f"figures skipped: {e}")
+    print(f"total {results.get('seconds_total', 0):.0f}s; results in {out / f'{NAME}.json'}")
     return results
 
 
