@@ -2,10 +2,10 @@
 seeds, and CLIP similarity of each image with its prompt. Both run offline from weights the user points at:
 
 * FID (torchmetrics' `FrechetInceptionDistance`) with a user-supplied feature network: a TorchScript file
-  (`torch.jit.save`) or a pickled `torch.nn.Module` (`torch.save(module)`) that maps float images
-  [N, 3, H, W] in [0, 1] to features [N, d] (resizing / normalising inside), or torch-fidelity's Inception
-  weights file (`pt_inception-2015-12-05-6726825d.pth`, the standard FID network) when torch-fidelity is
-  installed.
+  (`torch.jit.save`) that maps float images [N, 3, H, W] in [0, 1] to features [N, d] (resizing / normalising
+  inside), or torch-fidelity's Inception weights file (`pt_inception-2015-12-05-6726825d.pth`, the standard
+  FID network, loaded as weights into its architecture) when torch-fidelity is installed. Nothing is
+  unpickled: a `torch.save`d module is refused.
 * CLIP similarity: cosine of CLIP's image and text embeddings (projected), from a local folder holding
   a `CLIPModel` and its `CLIPProcessor` (`save_pretrained` output or a Hub snapshot), loaded with
   `local_files_only=True`. CLIPScore is 100 * max(cosine, 0).
@@ -24,7 +24,7 @@ from diffsolve.transforms import cfg
 
 from .diffusers import SDDenoiser, from_ve, sigmas_from_scheduler, to_ve, unet_dtype_device, vae_decode
 
-SKIPPED_FID = ("skipped: pass --inception PATH (a TorchScript or torch.save'd feature network, or "
+SKIPPED_FID = ("skipped: pass --inception PATH (a TorchScript feature network, or "
                "torch-fidelity's Inception weights) to compute FID against DDIM samples")
 SKIPPED_CLIP = "skipped: pass --clip PATH (a local folder with a CLIPModel and its CLIPProcessor) to compute it"
 
@@ -56,30 +56,31 @@ def _torch_fidelity_available():
 
 
 def load_feature_network(path):
-    """The FID feature network at `path`, on the CPU (`fid` moves it): an `nn.Module` (TorchScript or pickled
-    module; unpickling runs code, so only load files you trust), or the Path itself when it holds
-    torch-fidelity's Inception weights (a state dict) and torch-fidelity is installed."""
+    """The FID feature network at `path`, on the CPU (`fid` moves it): a TorchScript module (`torch.jit.load`),
+    or the Path itself when it holds torch-fidelity's Inception weights (a state dict, read with
+    `weights_only=True`) and torch-fidelity is installed. A pickled module (`torch.save(module)`) is refused
+    without being unpickled: unpickling runs whatever code the file names."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"FID feature network {str(path)!r} does not exist (pass --inception PATH to a "
-                                "TorchScript / torch.save'd module or torch-fidelity's Inception weights)")
+                                "TorchScript module or torch-fidelity's Inception weights)")
     try:
         return torch.jit.load(str(path), map_location="cpu").eval()
     except RuntimeError:
-        pass  # not TorchScript: a pickled module or a state dict
+        pass  # not TorchScript: maybe a state dict
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 -- unpickling errors vary; re-raised naming the file
-        raise ValueError(f"FID feature network {str(path)!r} is neither TorchScript nor a torch.save'd file: "
-                         f"{err}") from err
-    if isinstance(obj, torch.nn.Module):
-        return obj.eval()
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- a pickle with code, or not a torch file at all
+        raise ValueError(f"FID feature network {str(path)!r} is neither TorchScript nor a file of weights (a "
+                         "pickled module is not loaded, as unpickling runs code: save it with "
+                         f"torch.jit.save(torch.jit.script(module), path)): {str(err).splitlines()[0]}") from None
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if not _torch_fidelity_available():
             raise ValueError(f"{str(path)!r} is a state dict (torch-fidelity's Inception weights?); reading it "
                              "needs torch-fidelity (pip install torch-fidelity), or pass a TorchScript module")
         return path
-    raise ValueError(f"FID feature network {str(path)!r} holds a {type(obj).__name__}, not a torch.nn.Module")
+    raise ValueError(f"FID feature network {str(path)!r} holds a {type(obj).__name__}, not a TorchScript module "
+                     "or a state dict")
 
 
 def load_clip(path, device="cpu"):

@@ -7,19 +7,21 @@ The command line (scale-out over processes, FID / CLIP, the NFE dry run) is inte
 Each run writes, in its own folder `<out>/<method>/<prompt index>_<slug>/seed<seed>/`: config.json (the
 `T2IConfig`), log.json (loss / grad_norm per step), strip/ (intermediate images) and strip.png, image.png
 (final), checkpoint.pt (model + optimizer + step + log, written atomically every `checkpoint_every` steps; a
-run resumes from it), and termination.json when an MSD run stopped at §4.5's criterion.
+run resumes from it), and termination.json when an MSD run stopped at §4.5's criterion; t2i.manifest.jsonl
+holds the sha256 of each of them and .t2i.lock the lock of the process running it.
 """
 import dataclasses
 import io
 import json
 import math
-from pathlib import Path
+import warnings
 
 import torch
 
-from diffsolve._io import atomic_write, write_json
+from diffsolve._io import atomic_write
+from diffsolve.runs import RunFolder, RunWarning, environment
 
-from .diffusers import check_on_unet, tiny_sd_components
+from .diffusers import check_on_unet, tiny_sd_components, unet_dtype_device
 from .threestudio import METHODS, DistillationGuidance
 
 PAPER_PROMPTS = (  # appendix D, "List of prompts"
@@ -163,11 +165,11 @@ def _save_png(path, img):
     atomic_write(path, lambda f: f.write(data))
 
 
-def _save_strip(out_dir):
+def _strip_bytes(out_dir):
     from PIL import Image
     frames = sorted((out_dir / "strip").glob("step_*.png"))
     if not frames:
-        return
+        return None
     ims = [Image.open(p).convert("RGB") for p in frames]
     w, h = ims[0].size
     strip = Image.new("RGB", (w * len(ims), h))
@@ -175,50 +177,74 @@ def _save_strip(out_dir):
         strip.paste(im, (i * w, 0))
     buf = io.BytesIO()
     strip.save(buf, format="PNG")
-    atomic_write(out_dir / "strip.png", lambda f: f.write(buf.getvalue()))
+    return buf.getvalue()
 
 
-def _save_checkpoint(path, model, opt, step, log):
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "log": log}
-    atomic_write(path, lambda f: torch.save(state, f))
+def _checkpoint_bytes(model, opt, step, log):
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "log": log}, buf)
+    return buf.getvalue()
+
+
+def _load_checkpoint(folder, device):
+    """The checkpoint's state if its bytes match the checksum recorded when written and it loads with
+    weights_only=True (nothing in it executes); else None, with a warning naming the file."""
+    data = folder.read_bytes("checkpoint.pt")
+    if data is None:
+        return None
+    try:
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        if not isinstance(state, dict) or not {"model", "optimizer", "step", "log"} <= set(state):
+            raise ValueError("not a text-to-2D checkpoint")
+        return state
+    except Exception as err:  # noqa: BLE001 - refused and recomputed, never fatal
+        warnings.warn(f"{folder.path('checkpoint.pt')} does not load as weights ({err}); starting over", RunWarning)
+        return None
 
 
 def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_after=None):
     """Optimise a `CoordinateImage` for one prompt with `cfg.method`; returns the model. `prompt_embeds` is
-    (cond, uncond), on the UNet's device with its dtype (a ValueError naming both otherwise). Resumes from
-    `out_dir/checkpoint.pt` when present (its config must match `cfg` except `steps`). `stop_after` ends the
-    run early after that many total steps (simulates an interruption)."""
+    (cond, uncond), on the UNet's device with its dtype (a ValueError naming both otherwise).
+
+    `out_dir` is a RunFolder (diffsolve.runs) held for the call: a second writer is refused (FolderBusy), and
+    so is a config other than the one in `out_dir/config.json` except `steps` (RunConflict, a ValueError).
+    Resumes from `out_dir/checkpoint.pt` when it matches the checksum recorded when it was written (loaded
+    with weights_only=True; else a warning and a fresh start). `stop_after` ends the run early after that
+    many total steps (simulates an interruption)."""
     cfg.validate()
     check_resolution(components, cfg.resolution)
     cond, uncond = prompt_embeds
     for name, emb in (("prompt embeddings (cond)", cond), ("prompt embeddings (uncond)", uncond)):
         check_on_unet(emb, name, components.unet)
-    out_dir = Path(out_dir)
-    ckpt_path, cfg_path = out_dir / "checkpoint.pt", out_dir / "config.json"
-    if ckpt_path.exists() and cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        mine = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists, as saved
-        diff = [k for k in mine if k != "steps" and saved.get(k) != mine[k]]
-        if diff:
-            raise ValueError(f"{out_dir} holds a checkpoint of a different config (differs in {diff}); "
-                             "use another --out or delete the checkpoint")
-    write_json(cfg_path, dataclasses.asdict(cfg))
+    dtype, device = unet_dtype_device(components.unet)
+    config = {**json.loads(json.dumps(dataclasses.asdict(cfg))), **environment(device, dtype)}
+    with RunFolder(out_dir, "t2i", config, ignore=("steps",), config_file="config.json") as folder:
+        return _run(folder, components, cond, uncond, cfg, device, progress, stop_after)
 
-    device = components.unet.device
-    torch.manual_seed(cfg.seed)
-    model = CoordinateImage(cfg.fourier_features, cfg.fourier_scale, cfg.mlp_width, cfg.mlp_depth).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    guidance = DistillationGuidance(components, method=cfg.method, guidance_scale=cfg.guidance_scale,
-                                    trainer_max_steps=cfg.steps, seed=cfg.seed, **cfg.guidance_kwargs())
+
+def _run(folder, components, cond, uncond, cfg, device, progress, stop_after):
+    def build():
+        torch.manual_seed(cfg.seed)
+        model = CoordinateImage(cfg.fourier_features, cfg.fourier_scale, cfg.mlp_width, cfg.mlp_depth).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        guidance = DistillationGuidance(components, method=cfg.method, guidance_scale=cfg.guidance_scale,
+                                        trainer_max_steps=cfg.steps, seed=cfg.seed, **cfg.guidance_kwargs())
+        return model, opt, guidance
+
+    model, opt, guidance = build()
     prompt_utils = _PromptUtils(cond, uncond)
     start, log = 0, []
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, log = state["step"], state["log"]
-        if progress:
-            print(f"[t2i] resuming {out_dir} from step {start}")
+    state = _load_checkpoint(folder, device)
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            start, log = int(state["step"]), list(state["log"])
+            if progress:
+                print(f"[t2i] resuming {folder.root} from step {start}")
+        except (RuntimeError, TypeError, ValueError, KeyError) as err:
+            warnings.warn(f"{folder.path('checkpoint.pt')} does not fit this run ({err}); starting over", RunWarning)
+            (model, opt, guidance), start, log = build(), 0, []
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     res = cfg.resolution
     converged_at = None
@@ -226,9 +252,10 @@ def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_
         guidance.update_step(0, step)
         if cfg.stop_when_converged and guidance.converged:
             converged_at = step
-            write_json(out_dir / "termination.json", {"converged_at_step": step, "terminate_below": guidance.terminate_below,
-                                                      "bandwidth": guidance.distiller.bandwidth})
-            _save_checkpoint(ckpt_path, model, opt, step, log)
+            folder.write_json("termination.json", {"converged_at_step": step,
+                                                   "terminate_below": guidance.terminate_below,
+                                                   "bandwidth": guidance.distiller.bandwidth})
+            folder.write_bytes("checkpoint.pt", _checkpoint_bytes(model, opt, step, log))
             break
         rgb = model.render(res, res)
         out = guidance(rgb, prompt_utils, None, None, None)
@@ -244,15 +271,17 @@ def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_
                       f"grad_norm {log[-1]['grad_norm']:.4g}")
         if done % cfg.strip_every == 0 or done == cfg.steps:
             with torch.no_grad():
-                _save_png(out_dir / "strip" / f"step_{done:06d}.png", model.render(res, res)[0])
+                folder.write_bytes(f"strip/step_{done:06d}.png", _png_bytes(model.render(res, res)[0]))
         if done % cfg.checkpoint_every == 0 or done == end:
-            _save_checkpoint(ckpt_path, model, opt, done, log)
-            write_json(out_dir / "log.json", log)
+            folder.write_bytes("checkpoint.pt", _checkpoint_bytes(model, opt, done, log))
+            folder.write_json("log.json", log)
     if end == cfg.steps or converged_at is not None:
         with torch.no_grad():
-            _save_png(out_dir / "image.png", model.render(res, res)[0])
-        _save_strip(out_dir)
-        write_json(out_dir / "log.json", log)
+            folder.write_bytes("image.png", _png_bytes(model.render(res, res)[0]))
+        strip = _strip_bytes(folder.root)
+        if strip is not None:
+            folder.write_bytes("strip.png", strip)
+        folder.write_json("log.json", log)
     return model
 
 

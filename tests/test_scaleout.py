@@ -153,7 +153,7 @@ def test_torchrun_two_processes_each_job_once(runs):
         if r["kind"] == "distill":  # each run did its 2 steps once: no repeated or missing log rows
             assert [row["step"] for row in json.loads((run_dir / "log.json").read_text())] == [1, 2]
             assert [p.name for p in (run_dir / "strip").glob("*.png")] == ["step_000002.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["ddim", "msd", "results.json", "sds", "shards"]
+    assert sorted(p.name for p in out.iterdir()) == ["ddim", "msd", "results.json", "sds", "shards", "t2i.run.json"]
 
 
 def test_merged_results_equal_single_process_run(runs):

@@ -52,10 +52,10 @@ def test_fid_matches_scipy_frechet_distance(feature_file, tmp_path):
     assert abs(evaluate.fid(net, real, real)) < 1e-6
     small, large = (evaluate.fid(net, real, (real + d).clamp(0, 1), batch_size=7) for d in (0.05, 0.3))
     assert 0 < small < large
-    # a pickled module (torch.save) loads and gives the same number as the TorchScript file
+    # a pickled module (torch.save) is refused, not unpickled (unpickling runs code): save it as TorchScript
     torch.save(tiny_feature_network(), tmp_path / "module.pt")
-    pickled = evaluate.load_feature_network(tmp_path / "module.pt")
-    assert evaluate.fid(pickled, real, fake) == pytest.approx(ours, rel=1e-9)
+    with pytest.raises(ValueError, match="TorchScript"):
+        evaluate.load_feature_network(tmp_path / "module.pt")
 
 
 def test_feature_network_errors(tmp_path, feature_file):
@@ -65,7 +65,7 @@ def test_feature_network_errors(tmp_path, feature_file):
     with pytest.raises(ValueError, match="junk.pt"):
         evaluate.load_feature_network(tmp_path / "junk.pt")
     torch.save([1, 2], tmp_path / "list.pt")
-    with pytest.raises(ValueError, match="list, not a torch.nn.Module"):
+    with pytest.raises(ValueError, match="list, not a TorchScript module"):
         evaluate.load_feature_network(tmp_path / "list.pt")
     if not evaluate._torch_fidelity_available():
         torch.save({"w": torch.zeros(2)}, tmp_path / "state.pth")
@@ -172,15 +172,16 @@ def test_fid_with_one_image_per_method_is_skipped_with_a_reason(tmp_path, featur
     assert res["metrics"]["fid"]["sds"].startswith("skipped: FID needs")
 
 
-def test_bad_metric_paths_fail_before_work(tmp_path, feature_file):
-    with pytest.raises(FileNotFoundError, match="--inception"):
-        main(["--tiny", "--prompts", "a cat", "--out", str(tmp_path / "a"), "--inception", str(tmp_path / "x.pt")])
-    with pytest.raises(FileNotFoundError, match="--clip"):
-        main(["--tiny", "--prompts", "a cat", "--out", str(tmp_path / "b"), "--clip", str(tmp_path / "clip")])
+def test_bad_metric_paths_fail_before_work(tmp_path, feature_file, capsys):
+    """Usage errors (exit status 2, one line naming the flag), before anything is written."""
     (tmp_path / "bad_clip").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        main(["--tiny", "--prompts", "a cat", "--out", str(tmp_path / "c"), "--clip", str(tmp_path / "bad_clip")])
-    with pytest.raises(SystemExit):
-        main(["--tiny", "--prompts", "a cat", "--out", str(tmp_path / "d"), "--inception", str(feature_file),
-              "--ddim-steps", "0"])
+    for args, message in ((["--out", str(tmp_path / "a"), "--inception", str(tmp_path / "x.pt")], "--inception"),
+                          (["--out", str(tmp_path / "b"), "--clip", str(tmp_path / "clip")], "--clip"),
+                          (["--out", str(tmp_path / "c"), "--clip", str(tmp_path / "bad_clip")], "config.json"),
+                          (["--out", str(tmp_path / "d"), "--inception", str(feature_file), "--ddim-steps", "0"],
+                           "--ddim-steps")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--tiny", "--prompts", "a cat", *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
     assert not any((tmp_path / n).exists() for n in "abcd")

@@ -54,7 +54,7 @@ def test_resume_equals_uninterrupted(components, tmp_path, method):
     embeds = tiny_prompt_embeds(components, 0)
     full = _weights(run_text2image(components, embeds, cfg, tmp_path / "full", progress=False))
     run_text2image(components, embeds, cfg, tmp_path / "resumed", progress=False, stop_after=2)
-    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "resumed" / "image.png").exists()
     resumed = _weights(run_text2image(components, embeds, cfg, tmp_path / "resumed", progress=False))
     assert full.keys() == resumed.keys()
@@ -72,19 +72,22 @@ def test_resume_refuses_a_different_config(components, tmp_path):
                        progress=False)
 
 
-def test_bad_input_fails_before_work(components, tmp_path, monkeypatch):
+def test_bad_input_fails_before_work(components, tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(t2i, "DistillationGuidance", lambda *a, **k: calls.append(1))
     with pytest.raises(ValueError, match="downsampling factor 2"):
         run_text2image(components, tiny_prompt_embeds(components, 0), T2IConfig(**{**SMALL, "resolution": 33}),
                        tmp_path / "a", progress=False)
     assert not (tmp_path / "a").exists()
-    with pytest.raises(ValueError, match="downsampling factor 2"):
-        main(["--tiny", "--resolution", "31", "--out", str(tmp_path / "b")])
-    with pytest.raises(ValueError, match="non-empty"):
-        main(["--tiny", "--prompts", "--out", str(tmp_path / "c")])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        main(["--model", str(tmp_path / "no_such_model"), "--out", str(tmp_path / "d")])
+    # on the command line, bad values are usage errors: exit status 2 and one line naming the problem
+    for args, message in ((["--tiny", "--resolution", "31", "--out", str(tmp_path / "b")], "downsampling factor 2"),
+                          (["--tiny", "--prompts", "--out", str(tmp_path / "c")], "non-empty"),
+                          (["--model", str(tmp_path / "no_such_model"), "--out", str(tmp_path / "d")],
+                           "does not exist")):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and len(err.splitlines()) == 1, err
     with pytest.raises(ValueError, match="method"):
         run_text2image(components, tiny_prompt_embeds(components, 0), T2IConfig(method="xyz"), tmp_path / "e")
     assert calls == [] and not any((tmp_path / n).exists() for n in "bcde")
