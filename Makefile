@@ -23,7 +23,7 @@ test-slow: $(STAMP)
 	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow --timeout 1800
 
 demo: $(STAMP)
-	$(PY) -m diffsolve_studies.cli demo
+	$(PY) -m diffsolve_studies.cli demo --out outputs/demo
 	$(PY) -m diffsolve_studies.cli toy --quick --datasets fractal --out outputs/demo/toy2d --figures outputs/demo/figures --cache outputs/demo/cache
 	@echo "figures: outputs/demo/fractal_ideal.png and outputs/demo/figures/ (the full study: make toy2d)"
 

@@ -1,11 +1,13 @@
-"""Command line: `diffsolve demo` (and the studies' entry points as they are added)."""
-import argparse
+"""Command line: `diffsolve demo`, `diffsolve toy`, `diffsolve digits`, `diffsolve t2i`. Outputs go to
+./outputs/<command>/ (relative to the current folder) unless --out says otherwise; bad values are usage
+errors (exit status 2, one line on stderr); options are never abbreviated."""
 import sys
 from pathlib import Path
 
 import torch
 
 from diffsolve._io import atomic_write
+from diffsolve.runs import ArgumentParser, RunError, at_least, check_writable
 
 
 def _save_figure(fig, path):
@@ -53,6 +55,24 @@ def demo(out_dir="outputs/demo", n=2000, steps=32, seed=0):
     return path
 
 
+COMMANDS = {"toy": "the paper's 2D studies (Tables 1-3, Figures 1-3); see diffsolve toy --help",
+            "digits": "class-conditional diffusion on scikit-learn's digits; see diffsolve digits --help",
+            "t2i": "text-to-2D with SDS/VSD/SDI/MSD through Stable Diffusion; see diffsolve t2i --help"}
+
+
+def _parser():
+    parser = ArgumentParser(prog="diffsolve", description=" ".join(__doc__.split()))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,toy,digits,t2i}")
+    for name, text in COMMANDS.items():
+        sub.add_parser(name, help=text, add_help=False)
+    p = sub.add_parser("demo", help="sample the fractal with the ideal denoiser and write a PNG (a few seconds)")
+    p.add_argument("--out", default="outputs/demo", help="folder of the figure, relative to the current folder")
+    p.add_argument("--n", type=at_least(1), default=2000, help="points sampled per sampler")
+    p.add_argument("--steps", type=at_least(1), default=32, help="sampler steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and of the initial noise")
+    return parser, p
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["toy"]:  # the 2D studies have their own options (diffsolve toy --help)
@@ -67,18 +87,13 @@ def main(argv=None):
         from diffsolve.integrations.t2i_cli import main as t2i_main
         t2i_main(argv[1:])
         return 0
-    parser = argparse.ArgumentParser(prog="diffsolve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("toy", help="the paper's 2D studies (Tables 1-3, Figures 1-3); see diffsolve toy --help")
-    sub.add_parser("digits", help="class-conditional diffusion on scikit-learn's digits; see diffsolve digits --help")
-    sub.add_parser("t2i", help="text-to-2D with SDS/VSD/SDI/MSD through Stable Diffusion; see diffsolve t2i --help")
-    p = sub.add_parser("demo", help="sample the fractal with the ideal denoiser and write a PNG")
-    p.add_argument("--out", default="outputs/demo")
-    p.add_argument("--n", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    parser, demo_parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
+        try:
+            check_writable(args.out, "--out")
+        except RunError as err:
+            demo_parser.error(str(err))
         demo(args.out, args.n, args.steps, args.seed)
     return 0
 
