@@ -65,7 +65,7 @@ def _parser():
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,toy,digits,t2i}")
     for name, text in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
-    p = sub.add_parser("demo", help="sample the fractal with the ideal denoiser and write a PNG (a few seconds)")
+    p = sub.add_parser("demo", help="sample the fractal with the ideal denoiser and write a PNG (about 30 s)")
     p.add_argument("--out", default="outputs/demo", help="folder of the figure, relative to the current folder")
     p.add_argument("--n", type=at_least(1), default=2000, help="points sampled per sampler")
     p.add_argument("--steps", type=at_least(1), default=32, help="sampler steps")
@@ -87,6 +87,9 @@ def main(argv=None):
         from diffsolve.integrations.t2i_cli import main as t2i_main
         t2i_main(argv[1:])
         return 0
+    if argv[:1] == ["check"]:  # the diffsolve.testing suite on a sampler (diffsolve check --help)
+        from .check import main as check_main
+        return check_main(argv[1:])
     parser, demo_parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "demo":

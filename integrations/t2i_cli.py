@@ -4,7 +4,7 @@
     python benchmarks/text2image.py --model /path/to/sd-folder --methods msd sds --seeds 0 1
     accelerate launch --num_processes 4 benchmarks/text2image.py --model ... --inception ... --clip ...
     python benchmarks/text2image.py --dry-run --tiny     # NFE per optimisation step, offline
-    diffsolve t2i --tiny --prompts "a cat" --methods sds  # -> outputs/t2i/ (a few seconds per job on a CPU)
+    diffsolve t2i --tiny --prompts "a cat" --methods sds  # -> outputs/t2i/ (about 30 s on one CPU thread)
 
 The prompt x method x seed jobs (plus, with `--inception`, a DDIM reference sample per prompt and seed under
 `<out>/ddim/`) are shared out over the processes of an `accelerate launch` / `torchrun`
@@ -32,7 +32,9 @@ from .diffusers import encode_prompt, load_stable_diffusion, sigmas_from_schedul
 from .text2image import (METHODS, PAPER_PROMPTS, T2IConfig, _save_png, check_prompts, check_resolution, nfe_per_step,
                          run_text2image, tiny_components, tiny_prompt_embeds)
 
-TINY_TIME = "a few seconds per job on a CPU"
+# wall times measured with OMP_NUM_THREADS=1 on a busy 2-core x86 server (its CPU time was about 2/3 of it)
+TINY_TIME = ("at the default 400 steps about 30 s per SDS or VSD job and 2-3 minutes per SDI or MSD job on one "
+             "CPU thread; --steps 2 takes seconds")
 
 
 def _embedder(components, prompts, tiny, device, dtype):

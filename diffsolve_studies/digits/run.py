@@ -31,8 +31,8 @@ QUICK_TRAINING = {"denoiser": dict(train.DENOISER, width=32, depth=1, iterations
                   "weak": dict(train.WEAK_DENOISER, width=16, depth=1, iterations=30),
                   "classifier": dict(train.CLASSIFIER, width=32, iterations=60)}
 FULL_TRAINING = {"denoiser": train.DENOISER, "weak": train.WEAK_DENOISER, "classifier": train.CLASSIFIER}
-# measured on 2 cores of an x86 server, OMP_NUM_THREADS=1 (see the report of issue 15)
-QUICK_TIME = "about 1 minute with a cold model cache, 40 s warm"
+# wall times measured with OMP_NUM_THREADS=1 on a busy 2-core x86 server (its CPU time was half of it)
+QUICK_TIME = "about 35 s with a cold model cache, 25 s warm"
 
 
 def load_testbed(training, cache_dir=None, progress=True, seed=0):

@@ -25,9 +25,10 @@ from .tables import PAPER_KEYS, markdown_tables, paper_tables  # noqa: F401 - pa
 
 NAME = "toy2d"
 QUICK = dict(grid=8, data_points=500, n_mc=1, steps=4, ideal_steps=2, chain_steps=8)
-# measured on 2 cores of an x86 server, OMP_NUM_THREADS=1 (see the report of issue 15)
-QUICK_TIME = ("about 2 minutes for the three data sets with a cold model cache (half of it drawing the KDE "
-              "densities of the figures), 1.5 minutes warm; --datasets fractal alone about 25 s")
+# wall times measured with OMP_NUM_THREADS=1 on a busy 2-core x86 server (its CPU time was 10-30% less)
+QUICK_TIME = ("about 2.5 minutes for the three data sets with a cold model cache, 1.5 minutes warm (most of it "
+              "drawing the KDE densities of the spiral and pinwheel figures); --datasets fractal alone about 15 s "
+              "(10 s warm)")
 
 
 def save_json(path, data):
