@@ -31,6 +31,12 @@ F64 = torch.float64
 MU, S = 0.5, 0.3
 SIGMA_MIN, SIGMA_MAX, RHO = 0.02, 80.0, 7.0
 NS = tuple(16 * 2 ** k for k in range(5))
+# Solvers whose asymptotic regime starts past N = 256 on this problem (measured step-by-step slopes for
+# N = 16 ... 1024; docs/samplers.md): lms' lower-order start-up steps from sigma = 80 (2.88 3.44 3.73 3.86 3.93
+# 3.95), UniPC's cancelling error terms around N = 32-64 (8.65 -0.47 2.33 2.19 2.08 2.03). The same check, on the
+# next three N (256, 512, 1024).
+LATE_NS = (256, 512, 1024)
+LATE = ("lms", "uni_pc", "uni_pc_bh2")
 ORDER_TOL = 0.2
 MODEL = SingleGaussian(MU, S)
 
@@ -140,6 +146,14 @@ STOCHASTIC_NAMES = [n for n in BUILDABLE if stochastic(n, NS[0]) is not None]
 
 
 # ------------------------------------------------------------------------------------- orders
+@pytest.mark.parametrize("name", LATE)
+def test_late_asymptotic_solvers_are_near_their_order_on_the_standard_grids(name):
+    """In the default suite: on N = 64, 128, 256 they are within 0.3 of the declared order (measured: lms 3.80,
+    uni_pc 2.26, uni_pc_bh2 2.30); the 0.2 check runs on N = 256 ... 1024."""
+    order, errors = flow_errors(name)
+    assert abs(log_slope(NS[-3:], errors[-3:]) - order) <= 0.3
+
+
 def test_every_registered_solver_is_measured():
     """Nothing registered escapes: every factory builds from the tables above, and a grid solver has an order check
     or is stochastic-only (then a moment check)."""
@@ -150,13 +164,16 @@ def test_every_registered_solver_is_measured():
     assert set(TOLERANCE_DRIVEN) <= set(SOLVERS)
 
 
+
+
 @pytest.mark.parametrize("name", ORDER_NAMES)
 def test_measured_order_is_the_declared_order(name):
-    order, errors = flow_errors(name)
-    slope = log_slope(NS[-3:], errors[-3:])
+    ns = LATE_NS if name in LATE else NS
+    order, errors = flow_errors(name, ns)
+    slope = log_slope(ns[-3:], errors[-3:])
     assert min(errors) > 1e-12, f"{name}: errors {errors} reach float64 rounding; the slope would mean nothing"
     assert abs(slope - order) <= ORDER_TOL, (
-        f"{name}: measured order {slope:.3f} over N = {NS[-3:]} (all five N: {log_slope(NS, errors):.3f}), "
+        f"{name}: measured order {slope:.3f} over N = {ns[-3:]} (all N: {log_slope(ns, errors):.3f}), "
         f"declared {order}; errors {['%.3e' % e for e in errors]}")
 
 
