@@ -61,6 +61,7 @@ class Solver:
     absorbs_flows = False
     splits_data_noise = False
     evaluates_at_start = False
+    own_grid = False
 
     def drift(self, sigmas, i):
         """Factor by which step i's drift on the score exceeds the probability-flow ODE's over

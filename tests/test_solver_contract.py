@@ -301,3 +301,13 @@ def test_any_sampler_function_runs_as_a_solver_with_flows_and_in_msd():
         MSD(gmm, 0.5, sampler="posterior", solver=sampling.sample_euler_ancestral)
     ancestral = ds.FunctionSolver(sampling.sample_euler_ancestral, stochastic=True, drift_factor=2.0)
     MSD(gmm, 0.5, sampler="posterior", solver=ancestral)
+
+
+def test_msd_refuses_solvers_that_build_their_own_grid():
+    gmm = three_component_mixture()
+    with pytest.raises(ValueError, match="dpm_fast.*options of its own"):
+        MSD(gmm, 0.5, sampler="posterior", solver="dpm_fast")
+    with pytest.raises(ValueError, match="grid it builds itself"):
+        MSD(gmm, 0.5, sampler="posterior", solver="dpm_adaptive")
+    with pytest.raises(ValueError, match="grid it builds itself"):
+        MSD(gmm, 0.5, face="score", solver=ds.DPMFast(5))

@@ -47,7 +47,10 @@ def _solver(solver, eta):
     if callable(solver):
         return FunctionSolver(solver)
     factory = solver_factory(solver)
-    return factory(**({"eta": eta} if "eta" in inspect.signature(factory).parameters else {}))
+    try:
+        return factory(**({"eta": eta} if "eta" in inspect.signature(factory).parameters else {}))
+    except TypeError as err:
+        raise ValueError(f"solver {solver!r} needs options of its own ({err}); pass a Solver instance") from None
 
 
 def is_reverse_sde(solver):
@@ -99,6 +102,9 @@ class MSD(Distiller):
         if sampler == "posterior" and not is_reverse_sde(self.solver):
             raise ValueError(f"the posterior sampler is the reverse SDE: it needs a stochastic solver with eta = 1 "
                              f"(drift 2), got {self.solver!r}")
+        if self.solver.own_grid:
+            raise ValueError(f"{self.solver!r} runs only on the grid it builds itself; MSD's chains bring their own "
+                             "sigmas: choose a fixed-grid solver")
         if sampler == "kernel" and face == "split" and not self.solver.applies_flows:
             raise ValueError(f"face='split' needs a solver that applies exact flows; {self.solver!r} does not")
         self.steps, self.sigma_min, self.sigma_max, self.rho = int(steps), sigma_min, sigma_max, rho

@@ -158,7 +158,7 @@ class DPMFast(Solver):
     step covers [sigma, sigma_min]: (sigma**2 - sigma_min**2) / (sigma**2 - sigma_next**2), 1 on the last.
     Split flows are applied around each whole step (its sub-steps at intermediate sigmas are internal)."""
 
-    name = "dpm_fast"
+    name, own_grid = "dpm_fast", True
 
     def __init__(self, n, eta=0.0, s_noise=1.0):
         self.orders = tuple(dpm_fast_orders(n))
@@ -214,7 +214,7 @@ class DPMAdaptive(Solver):
     sigma, sigma_hat, denoised, error, h, steps, nfe, n_accept, n_reject (the counts so far).
     order: `order` (local extrapolation keeps the higher-order result); 1 with eta > 0. drift: 1 + eta**2."""
 
-    name, applies_flows = "dpm_adaptive", False
+    name, applies_flows, own_grid = "dpm_adaptive", False, True
 
     def __init__(self, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0,
                  accept_safety=0.81, eta=0.0, s_noise=1.0, info_callback=None):
