@@ -267,15 +267,15 @@ class RunFolder:
         p, entry = self.path(rel), self.manifest.get(str(rel))
         if not p.exists():
             if entry is not None:
-                _warn(f"{p} is missing; recomputing it")
+                _warn(f"{p} is missing (recomputed by the next run that needs it)")
             return None
         data = p.read_bytes()
         if entry is None:
             _warn(f"{p} has no checksum in {self.manifest_path.name} (an interrupted write, or not written by "
-                  "this run); recomputing it")
+                  "this run); ignored (recomputed by the next run that needs it)")
         elif len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
             _warn(f"{p} is damaged ({len(data)} bytes, {entry['bytes']} written; checksum mismatch); "
-                  "recomputing it")
+                  "ignored (recomputed by the next run that needs it)")
         else:
             return data
         return None
@@ -287,7 +287,7 @@ class RunFolder:
     def reject(self, rel, reason):
         """Drop a verified artifact the caller found unusable (a wrong shape), with a warning."""
         self.manifest.pop(str(rel), None)
-        _warn(f"{self.path(rel)} {reason}; recomputing it")
+        _warn(f"{self.path(rel)} {reason}; ignored (recomputed by the next run that needs it)")
 
 
 # ------------------------------------------------------------------------------------- checked caches

@@ -225,7 +225,10 @@ def main(argv=None):
     run = functools.partial(run_job, components=components, prompts=prompts, base=base, progress=not args.quiet,
                             embeds=_embedder(components, prompts, args.tiny, device, dtype),
                             reference_kw={"steps": args.ddim_steps, "guidance_scale": args.ddim_guidance_scale})
-    records = scaleout.run_sharded(jobs, scaleout.job_folders(prompts), run, out, state)
+    try:
+        records = scaleout.run_sharded(jobs, scaleout.job_folders(prompts), run, out, state)
+    except RunError as err:  # a job folder held by another live run
+        p.exit(1, f"{p.prog}: error: {err}\n")
     results = None
     if records is not None:
         results = merge_results(records, out, args, base, prompts, state.num_processes, feature, clip, device)
