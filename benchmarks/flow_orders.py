@@ -13,23 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import diffsolve as ds  # noqa: E402
 from _common import RESULTS, machine_info, write_json_atomic  # noqa: E402
 from _models import identity_model, log_slope  # noqa: E402
-from test_solver_contract import StrangHalvesDPMpp2M, product_ode_errors  # noqa: E402
-
-
-class UncarriedDPMpp2M(ds.DPMpp2M):
-    """DPM++ 2M whose history is the raw denoised values as evaluated, never carried through the flows."""
-
-    def step(self, s):
-        d = s.denoise(s.x, s.sigma)
-        if s.sigma_next == 0:
-            return d
-        h = math.log(s.sigma / s.sigma_next)
-        d_hat = d
-        if self.last is not None:
-            r = math.log(self.last[0] / s.sigma) / h
-            d_hat = (1 + 1 / (2 * r)) * d - self.last[1] / (2 * r)
-        self.last = (s.sigma, d)
-        return (s.sigma_next / s.sigma) * s.x - math.expm1(-h) * d_hat
+from test_solver_contract import StrangHalvesDPMpp2M, UncarriedDPMpp2M, product_ode_errors  # noqa: E402
 
 
 def main():

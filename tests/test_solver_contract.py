@@ -88,23 +88,27 @@ def test_identity_denoiser_reproduces_the_exact_kernel_flow(name, splitting, int
     assert (out - exact).abs().max() < 1e-10
 
 
+class UncarriedDPMpp2M(ds.DPMpp2M):
+    """DPM++ 2M whose history is the raw denoised values as evaluated, never carried through the flows
+    (`last` is set per run by the caller: a deliberately broken solver that keeps state)."""
+
+    def step(self, s):
+        d = s.denoise(s.x, s.sigma)
+        if s.sigma_next == 0:
+            return d
+        h = math.log(s.sigma / s.sigma_next)
+        d_hat = d
+        if self.last is not None:
+            r = math.log(self.last[0] / s.sigma) / h
+            d_hat = (1 + 1 / (2 * r)) * d - self.last[1] / (2 * r)
+        self.last = (s.sigma, d)
+        return (s.sigma_next / s.sigma) * s.x - math.expm1(-h) * d_hat
+
+
 def test_multistep_history_is_carried_through_flows():
     """Without the carry (history as it was before the flow) DPM++ 2M misses the exact flow: the check
     above can fail."""
-    class Uncarried(ds.DPMpp2M):
-        def step(self, s):
-            d = s.denoise(s.x, s.sigma)
-            if s.sigma_next == 0:
-                return d
-            h = math.log(s.sigma / s.sigma_next)
-            if self.last is not None:
-                r = math.log(self.last[0] / s.sigma) / h
-                d_hat = (1 + 1 / (2 * r)) * d - self.last[1] / (2 * r)
-            else:
-                d_hat = d
-            self.last = (s.sigma, d)
-            return (s.sigma_next / s.sigma) * s.x - math.expm1(-h) * d_hat
-    solver = Uncarried()
+    solver = UncarriedDPMpp2M()
     solver.last = None
     z0, c = torch.ones(4, 2, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64)
     sigmas = ds.sigmas_karras(12, 0.05, 1.5, append_zero_=False)
