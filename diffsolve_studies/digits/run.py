@@ -9,11 +9,9 @@ Layout: <name>.run.json and <name>.manifest.jsonl (options, checksums), <name>_i
 images) with <run>.json (the run's record) beside it, <name>_images/_testbed.json, and the derived
 <name>.json / <name>.md, rebuilt on every call from the parts that verify.
 """
-import io
 import json
 import re
 import time
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -22,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffsolve._io import write_json
-from diffsolve.runs import ArgumentParser, RunError, RunFolder, RunWarning, at_least, check_writable, environment
+from diffsolve.runs import ArgumentParser, RunError, RunFolder, at_least, check_writable, environment
+from .._parts import load_run, note_damaged, previous_config, save_run
 from . import study, train
 from .data import dequantize, load_digits_split
 from .evaluate import nll_bpp
@@ -86,32 +85,8 @@ def _jsonable(obj):
 
 def open_folder(out_dir, cfg, training, name="digits"):
     """The (unopened) RunFolder of study `name`; a <name>.json left by an older version must agree."""
-    def previous():
-        try:
-            old = json.loads((Path(out_dir) / f"{name}.json").read_text())
-            return {**old["config"], "training": old["training"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
     config = {**_jsonable(asdict(cfg)), "training": _jsonable(training), **environment()}
-    return RunFolder(out_dir, name, config, previous=previous)
-
-
-def _load_run(folder, name, key, n_images):
-    rel = f"{name}_images/{_slug(key)}"
-    record, data = folder.read_json(rel + ".json"), folder.read_bytes(rel + ".npy")
-    if record is None or data is None:
-        return None
-    try:
-        shape = np.load(io.BytesIO(data)).shape
-    except ValueError as err:
-        shape = f"unreadable ({err})"
-    if shape != (n_images, 64):
-        folder.reject(rel + ".npy", f"holds images of shape {shape}, not ({n_images}, 64)")
-        return None
-    if record.get("key") != key:
-        folder.reject(rel + ".json", f"is the record of {record.get('key')!r}, not {key!r}")
-        return None
-    return {k: v for k, v in record.items() if k != "key"}
+    return RunFolder(out_dir, name, config, previous=previous_config(Path(out_dir) / f"{name}.json", "training"))
 
 
 def collect(folder, name, cfg, training):
@@ -119,7 +94,7 @@ def collect(folder, name, cfg, training):
     results = {"name": name, "config": _jsonable(asdict(cfg)), "training": _jsonable(training), "runs": {}}
     n = len(study.labels_for(cfg))
     for r in study.plan(cfg, ablations=True):
-        record = _load_run(folder, name, r.key, n)
+        record = load_run(folder, f"{name}_images/{_slug(r.key)}", r.key, (n, 64))
         if record is not None:
             results["runs"][r.key] = record
     testbed = folder.read_json(f"{name}_images/_testbed.json")
@@ -141,11 +116,7 @@ def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="
     t0 = time.perf_counter()
     split, models, ref = load_testbed(training, cache_dir, progress)  # one split and one set of models for every seed
     results = collect(folder, name, cfg, training)
-    if json_path.exists():
-        try:
-            json.loads(json_path.read_text())
-        except ValueError:
-            warnings.warn(f"{json_path} is damaged; it is rebuilt from the per-run records", RunWarning)
+    note_damaged(json_path)
     results["training_seconds"] = {k: m.train_seconds for k, m in models.items()}
     if "testbed" not in results:
         results["testbed"] = testbed_checks(models, ref, cfg)
@@ -166,8 +137,7 @@ def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="
         if torch.isfinite(x).all():
             record["final"]["nll_bpp"] = study.likelihood(x, labels, models, cfg)
         record["seconds"] = time.perf_counter() - start
-        folder.write_with(f"{img_dir}/{_slug(r.key)}.npy", lambda f: np.save(f, x.numpy().astype(np.float16)))
-        folder.write_json(f"{img_dir}/{_slug(r.key)}.json", {"key": r.key, **_jsonable(record)})
+        save_run(folder, f"{img_dir}/{_slug(r.key)}", r.key, record, x.numpy().astype(np.float16))
         results["runs"][r.key] = record
         write_json(json_path, results)
     results["study_seconds_this_call"] = time.perf_counter() - t0

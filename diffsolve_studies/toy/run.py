@@ -8,18 +8,17 @@ Layout of the output folder (`--out`):
     toy2d_parts/{efficiency,landscapes}_<data>_<column>.json, toy2d_parts/training_<data>.json
     toy2d.json, toy2d.md                        derived: rebuilt on every call from the parts that verify
 """
-import io
 import json
 import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from diffsolve._io import atomic_write, write_json
-from diffsolve.runs import ArgumentParser, RunError, RunFolder, RunWarning, at_least, check_writable, environment
+from diffsolve.runs import ArgumentParser, RunError, RunFolder, at_least, check_writable, environment
+from .._parts import load_run, note_damaged, previous_config, save_run
 from . import study
 from .tables import PAPER_KEYS, markdown_tables, paper_tables  # noqa: F401 - part of this module's interface
 
@@ -47,40 +46,16 @@ def folder_config(cfg, iterations_scale, efficiency_k):
 
 def open_folder(out_dir, cfg, iterations_scale=1.0, efficiency_k=64):
     """The (unopened) RunFolder of a study; a toy2d.json left by an older version must agree with cfg."""
-    def previous():
-        try:
-            old = json.loads((Path(out_dir) / f"{NAME}.json").read_text())
-            return {**old["config"], "iterations_scale": old["iterations_scale"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-    return RunFolder(out_dir, NAME, folder_config(cfg, iterations_scale, efficiency_k), previous=previous)
+    return RunFolder(out_dir, NAME, folder_config(cfg, iterations_scale, efficiency_k),
+                     previous=previous_config(Path(out_dir) / f"{NAME}.json", "iterations_scale"))
 
 
-def _points(name, column, method, ext):
-    return f"toy2d_points/{name}_{column}_{method}.{ext}"
+def _points(name, column, method):
+    return f"toy2d_points/{name}_{column}_{method}"
 
 
 def _part(kind, key):
     return f"toy2d_parts/{kind}_{key.replace('/', '_')}.json"
-
-
-def _load_run(folder, key, n_points):
-    """The record of run `key` if it and its points verify (checksum and shape), else None."""
-    npy = _points(*key.split("/"), "npy")
-    record, data = folder.read_json(_points(*key.split("/"), "json")), folder.read_bytes(npy)
-    if record is None or data is None:
-        return None
-    try:
-        shape = np.load(io.BytesIO(data)).shape
-    except ValueError as err:
-        shape = f"unreadable ({err})"
-    if shape != (n_points, 2):
-        folder.reject(npy, f"holds points of shape {shape}, not ({n_points}, 2)")
-        return None
-    if record.get("key") != key:
-        folder.reject(_points(*key.split("/"), "json"), f"is the record of {record.get('key')!r}, not {key!r}")
-        return None
-    return {k: v for k, v in record.items() if k != "key"}
 
 
 def collect(folder, cfg, iterations_scale):
@@ -94,7 +69,7 @@ def collect(folder, cfg, iterations_scale):
         for column in columns:
             for method in study.METHODS:
                 key = f"{name}/{column}/{method}"
-                record = _load_run(folder, key, cfg.grid ** 2)
+                record = load_run(folder, _points(name, column, method), key, (cfg.grid ** 2, 2))
                 if record is not None:
                     results["runs"][key] = record
             for kind in ("efficiency", "landscapes"):
@@ -114,12 +89,7 @@ def run(datasets, cfg, out_dir, cache_dir=None, iterations_scale=1.0, efficiency
                        folder)
     json_path = folder.root / f"{NAME}.json"
     results = collect(folder, cfg, iterations_scale)
-    if json_path.exists():
-        try:
-            json.loads(json_path.read_text())
-        except ValueError:
-            import warnings
-            warnings.warn(f"{json_path} is damaged; it is rebuilt from the per-run records", RunWarning)
+    note_damaged(json_path)
     torch.manual_seed(cfg.seed)
     for name in datasets:
         ds = study.load_dataset(name, cache_dir, progress, iterations_scale, cfg.data_points)
@@ -144,8 +114,7 @@ def run(datasets, cfg, out_dir, cache_dir=None, iterations_scale=1.0, efficiency
                 seconds = time.perf_counter() - t0
                 entry = {"seconds": seconds, "nfe_per_step": nfe, "metrics": study.evaluate(pts, ds),
                          "grad_norm_log": [r["grad_norm"] for r in log]}
-                folder.write_with(_points(name, column, method, "npy"), lambda f: np.save(f, pts.numpy()))
-                folder.write_json(_points(name, column, method, "json"), {"key": key, **entry})
+                save_run(folder, _points(name, column, method), key, entry, pts.numpy())
                 results["runs"][key] = entry
                 save_json(json_path, results)
                 if progress:
