@@ -1,7 +1,7 @@
 """The paper's 2D studies (§4.2, Tables 1-3, Figures 1-3): DDIM sampling and SDS / VSD / SDI / MSD
 optimisation of a grid of points, on the fractal (class-conditional; ideal, learned, CFG,
 autoguidance) and on pinwheel and spiral (ideal, learned). Readings of what the paper leaves open
-follow ../shared/design/toy-experiments.md and are listed in `StudyConfig` and docs/results.md.
+follow the project's design notes on the toy experiments and are listed in `StudyConfig` and docs/results.md.
 """
 import math
 from dataclasses import asdict, dataclass
