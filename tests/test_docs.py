@@ -7,7 +7,7 @@ import torch
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ["docs/samplers.md", "docs/distillers.md", "docs/partial-runs.md", "README.md"]
+DOCS = ["docs/samplers.md", "docs/distillers.md", "docs/partial-runs.md", "README.md", "docs/testing.md"]
 
 
 def python_blocks(path):
