@@ -8,6 +8,19 @@ from pathlib import Path
 from diffsolve._io import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def committed_paths(argv):
+    """A study's arguments with the committed output folders (benchmarks/results, docs/figures) added unless
+    given, or the quick mode's own defaults: only a full study regenerates the committed results."""
+    argv = list(argv)
+    if "--quick" in argv:
+        return argv
+    for flag, path in (("--out", RESULTS), ("--figures", ROOT / "docs" / "figures")):
+        if not any(a == flag or a.startswith(flag + "=") for a in argv):
+            argv += [flag, str(path)]
+    return argv
 
 
 def write_json_atomic(path, data):

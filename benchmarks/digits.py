@@ -11,20 +11,10 @@ Only the full study regenerates the committed results, so only it gets their pat
 import sys
 from pathlib import Path
 
-from diffsolve_studies.digits.run import main
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def committed_paths(argv):
-    argv = list(argv)
-    if "--quick" in argv:
-        return argv
-    for flag, path in (("--out", ROOT / "benchmarks" / "results"), ("--figures", ROOT / "docs" / "figures")):
-        if not any(a == flag or a.startswith(flag + "=") for a in argv):
-            argv += [flag, str(path)]
-    return argv
-
+from _common import committed_paths  # noqa: E402
+from diffsolve_studies.digits.run import main  # noqa: E402
 
 if __name__ == "__main__":
     main(committed_paths(sys.argv[1:]))
