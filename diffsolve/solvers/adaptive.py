@@ -11,7 +11,7 @@ import operator
 import torch
 
 from ..sampling import Solver, sample
-from .euler import ancestral_step
+from .euler import ancestral_noise, ancestral_step
 from .registry import register
 
 __all__ = ["DPMAdaptive", "DPMFast", "dpm_fast_orders", "dpm_fast_sigmas", "dpm_solver_pair", "dpm_solver_step",
@@ -185,9 +185,7 @@ class DPMFast(Solver):
                                  f"but the grid has {len(s.sigmas) - 1}; use dpm_fast_sigmas(sigma_min, sigma_max, n)")
         sigma_down, sigma_up = _down(s.sigma, s.sigma_next, self.eta, s.sigmas[-1])
         x = dpm_solver_step(s, s.x, _eps(s, s.x, s.sigma), s.sigma, sigma_down, self.orders[s.i])
-        if sigma_up > 0:
-            x = x + s.noise(s.sigma, s.sigma_next) * (self.s_noise * sigma_up)
-        return x
+        return ancestral_noise(s, x, sigma_up, self.s_noise)
 
     def __repr__(self):
         return f"DPMFast(n={self.n}, eta={self.eta})"
@@ -264,8 +262,7 @@ class DPMAdaptive(Solver):
             if accept:
                 inv_errs = [inv, inv, inv_errs[1]]
                 x_prev, x, t = low, high, t_next
-                if sigma_up > 0:
-                    x = x + s.noise(sigma, sigma_next) * (self.s_noise * sigma_up)
+                x = ancestral_noise(s, x, sigma_up, self.s_noise, sigma, sigma_next)
                 info["n_accept"] += 1
             else:
                 info["n_reject"] += 1

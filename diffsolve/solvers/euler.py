@@ -7,7 +7,7 @@ import torch
 from ..sampling import Solver, sample
 from .registry import register
 
-__all__ = ["DDIM", "Euler", "Heun", "ancestral_step", "churn_sigma", "sample_ddim", "sample_euler",
+__all__ = ["DDIM", "Euler", "Heun", "ancestral_noise", "ancestral_step", "churn_sigma", "sample_ddim", "sample_euler",
            "sample_euler_ancestral", "sample_heun"]
 
 
@@ -21,6 +21,14 @@ def ancestral_step(sigma, sigma_next, eta=1.0):
         return sigma_next, 0.0
     sigma_up = min(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
     return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def ancestral_noise(s, x, sigma_up, s_noise, sigma=None, sigma_next=None):
+    """x + s_noise * sigma_up * n, n the run's noise over [sigma, sigma_next] (step s's interval by default);
+    x itself when sigma_up is 0 (no draw). The noise half of every ancestral / DDIM-eta step."""
+    if not sigma_up > 0:
+        return x
+    return x + s.noise(sigma, sigma_next) * (s_noise * sigma_up)
 
 
 def _check_churn(s_churn, s_tmin, s_tmax, s_noise):
@@ -113,9 +121,7 @@ class DDIM(Solver):
         d = s.denoise(s.x, s.sigma)
         n = s.noise_direction(d)
         x = _lerp(d, s.x, sigma_down / s.sigma) if n is d else d + (sigma_down / s.sigma) * (s.x - n)
-        if sigma_up > 0:
-            x = x + s.noise(s.sigma, s.sigma_next) * (self.s_noise * sigma_up)
-        return x
+        return ancestral_noise(s, x, sigma_up, self.s_noise)
 
     def __repr__(self):
         return f"DDIM(eta={self.eta})"

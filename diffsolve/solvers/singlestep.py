@@ -14,7 +14,7 @@ from ..sampling import Solver, sample
 from . import adaptive
 from .adaptive import *  # noqa: F401,F403
 from .adaptive import dpm_solver_step
-from .euler import _Churned, _lerp, ancestral_step
+from .euler import _Churned, _lerp, ancestral_noise, ancestral_step
 from .registry import register
 
 __all__ = ["DPM2", "DPM2Ancestral", "DPMpp2SAncestral", "DPMppSDE", "sample_dpm_2", "sample_dpm_2_ancestral",
@@ -77,9 +77,7 @@ class DPM2Ancestral(Solver):
         if sigma_down == 0:
             return d
         x = dpm_solver_step(s, s.x, (s.x - d) / s.sigma, s.sigma, sigma_down, 2)
-        if sigma_up > 0:
-            x = x + s.noise(s.sigma, s.sigma_next) * (self.s_noise * sigma_up)
-        return x
+        return ancestral_noise(s, x, sigma_up, self.s_noise)
 
     def __repr__(self):
         return f"DPM2Ancestral(eta={self.eta})"
@@ -117,9 +115,7 @@ class DPMpp2SAncestral(Solver):
             sigma_mid = math.exp(-(t + 0.5 * (-math.log(sigma_down) - t)))
             d2 = s.denoise(_dpmpp_first(s.x, d, s.sigma, sigma_mid), sigma_mid)
             x = _dpmpp_first(s.x, d2, s.sigma, sigma_down)
-        if s.sigma_next > 0 and sigma_up > 0:
-            x = x + s.noise(s.sigma, s.sigma_next) * (self.s_noise * sigma_up)
-        return x
+        return ancestral_noise(s, x, sigma_up, self.s_noise)  # sigma_up is 0 on a step to sigma = 0
 
     def __repr__(self):
         return f"DPMpp2SAncestral(eta={self.eta})"
@@ -155,7 +151,7 @@ class DPMppSDE(Solver):
         """DDIM-eta step from s.sigma to sigma_to with prediction d."""
         sigma_down, sigma_up = ancestral_step(s.sigma, sigma_to, self.eta)
         x = _dpmpp_first(x, d, s.sigma, sigma_down)
-        return x + s.noise(s.sigma, sigma_to) * (self.s_noise * sigma_up) if sigma_up > 0 else x
+        return ancestral_noise(s, x, sigma_up, self.s_noise, s.sigma, sigma_to)
 
     def step(self, s):
         d = s.denoise(s.x, s.sigma)
