@@ -87,10 +87,12 @@ class Call:
         self.extra_args = distiller.extra_args if extra_args is None else dict(extra_args)
         self.transforms = distiller.transforms if transforms is None else _check_transforms(transforms)
 
-    def denoiser(self, transforms=None, model=None):
-        """The model (or `model`) with the call's transforms (or `transforms`), counted and checked."""
+    def denoiser(self, transforms=None, model=None, batch=None):
+        """The model (or `model`) with the call's transforms (or `transforms`), checked, its evaluations counted
+        into the call's total in units of the call's batch (or of `batch` rows, for a repeated batch)."""
         base = self.checked(self.distiller.model if model is None else model)
-        return run_denoiser(base, self.transforms if transforms is None else transforms, self.run)[0]
+        run = self.run if batch is None else Run(batch, self.run.info)
+        return run_denoiser(base, self.transforms if transforms is None else transforms, run)[0]
 
     def checked(self, model):
         """`model` whose every output is checked: shape like x, and finite unless the call was made with

@@ -218,7 +218,7 @@ class MSD(Distiller):
 
     def _inversion(self, xs, sigmas, call):
         """Deterministic DDIM (Euler) inversion of x up the grid; centre(sigma) looks the level up."""
-        den = self._counted_in(call, xs.shape[0] // self.n_samples)
+        den = call.denoiser(batch=xs.shape[0] // self.n_samples)
         sig = [float(v) for v in sigmas]
         up = sig[-2::-1]  # ascending from the smallest positive sigma
         trajectory = dict(zip(up, euler_inversion(den, xs, up, call.extra(self.n_samples))))
@@ -228,12 +228,6 @@ class MSD(Distiller):
             level = float(torch.as_tensor(sigma).flatten()[0])
             return trajectory[min(trajectory, key=lambda k: abs(k - level))]
         return center
-
-    def _counted_in(self, call, batch):
-        """The call's guided denoiser, its evaluations counted in units of `batch` rows."""
-        from ..sampling import Run, run_denoiser
-        run = Run(batch, call.run.info)
-        return run_denoiser(call.checked(self.model), call.transforms, run)[0]
 
 
 def mean_shift_oracle(density, x, bandwidth, bandwidth_is="lambda"):
