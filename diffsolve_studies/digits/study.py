@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from diffsolve.distill import AdaptiveBandwidth, DenoisingTrainer, make_distiller, should_stop
+from diffsolve.distill import DISTILLERS, MSD, AdaptiveBandwidth, DenoisingTrainer, make_distiller, should_stop
 from diffsolve.schedules import sigmas_karras
 from diffsolve.solvers import sample_ddim
 from diffsolve.transforms import autoguidance, cfg, limited_interval
@@ -61,9 +61,10 @@ class Run:
     heuristics: str = "none"
     schedule: str = "loglinear"   # MSD only
     guidance: str = "cfg"
+    label: str = ""               # names a variant built outside the study (`optimise(..., distiller=)`)
 
     def __post_init__(self):
-        for name, value, allowed in (("method", self.method, ("ddim",) + METHODS),
+        for name, value, allowed in (("method", self.method, ("ddim",) + tuple(DISTILLERS)),
                                      ("param", self.param, PARAMETRISATIONS), ("heuristics", self.heuristics, HEURISTICS),
                                      ("schedule", self.schedule, SCHEDULES), ("guidance", self.guidance, GUIDANCE)):
             if value not in allowed:
@@ -76,7 +77,8 @@ class Run:
         if self.method == "ddim":
             return f"ddim/{self.guidance}/w{self.scale:g}"
         extra = f"/{self.schedule}" if self.method == "msd" else ""
-        return f"{self.method}/{self.param}/{self.guidance}/w{self.scale:g}/{self.heuristics}{extra}"
+        label = f"/{self.label}" if self.label else ""
+        return f"{self.method}/{self.param}/{self.guidance}/w{self.scale:g}/{self.heuristics}{extra}{label}"
 
 
 def plan(cfg_, methods=METHODS, params=PARAMETRISATIONS, ablations=True):
@@ -154,7 +156,7 @@ def distiller_options(run, models, labels, cfg_):
         return dict(noisy, variational=trainer.net, variational_update=trainer)
     if run.method == "sdi":
         return dict(noisy, total_steps=SDI_GRID, inversion_transforms=inversion_transforms(run, models, cfg_))
-    if run.method == "sds":
+    if run.method != "msd":  # SDS and the other noisy-sample distillers
         return noisy
     center = {"none": "iterate", "interval": "iterate", "interval+noised": "noised",
               "interval+inverted": "inverted"}[run.heuristics]
@@ -215,13 +217,17 @@ def ddim_reference(run, models, cfg_, generator):
     return x, info.nfe
 
 
-def optimise(run, models, ref, cfg_, progress=None):
-    """One distillation run at the budget; returns (final images, record) with the metric curve."""
+def optimise(run, models, ref, cfg_, progress=None, distiller=None):
+    """One distillation run at the budget; returns (final images, record) with the metric curve.
+
+    `distiller`: one built by the caller (a variant the study's options do not make; give the run a
+    `label`), used in place of `study_distiller(run, ...)`."""
     labels = labels_for(cfg_)
     gen = torch.Generator().manual_seed(cfg_.seed)
     images = initial_images(run, len(labels), cfg_)
     opt = torch.optim.Adam(images.parameters(), lr=cfg_.lr_pixels if run.param == "pixels" else cfg_.lr_mlp)
-    distiller = study_distiller(run, models, labels, cfg_)
+    distiller = study_distiller(run, models, labels, cfg_) if distiller is None else distiller
+    is_msd = isinstance(distiller, MSD)
     marks = [round(cfg_.budget * i / cfg_.evals) for i in range(cfg_.evals + 1)]
     curve, steps, stop = [], [], None
     step = 0
@@ -235,14 +241,14 @@ def optimise(run, models, ref, cfg_, progress=None):
             break
         x = images()
         distiller.on_step(schedule_position(used, cfg_), x.detach(), gen)
-        if run.method == "msd" and stop is None and should_stop(distiller.bandwidth, lam_floor=cfg_.lam_stop):
+        if is_msd and stop is None and should_stop(distiller.bandwidth, lam_floor=cfg_.lam_stop):
             with torch.no_grad():
                 stop = {"step": step, "nfe": used, **measure(images(), labels, ref)}
         g = distiller.grad(x.detach(), gen)
         opt.zero_grad(set_to_none=True)
         x.backward(g)
         opt.step()
-        if run.method == "msd":
+        if is_msd:
             steps.append({"step": step, "nfe": used, "lam": distiller.bandwidth,
                           "mean_shift_norm": float(distiller.mean_shift_norm.mean())})
         step += 1
@@ -251,7 +257,7 @@ def optimise(run, models, ref, cfg_, progress=None):
     final = images().detach()
     record = {"run": asdict(run), "steps": step, "nfe": distiller.nfe, "nfe_per_step": distiller.nfe / max(step, 1),
               "curve": curve, "final": curve[-1], "msd_steps": steps[:: max(1, len(steps) // 64)]}
-    if run.method == "msd":
+    if is_msd:
         record["termination"] = stop
         record["clipped_at_sigma_max"] = cfg_.lam_start / math.sqrt(2) > cfg_.sigma_max
     return final, record

@@ -10,7 +10,7 @@ import torch
 
 from diffsolve import metrics
 from diffsolve.analytic import EmpiricalDenoiser
-from diffsolve.distill import MSD, DenoisingTrainer, ideal_variational, linear_decay, make_distiller
+from diffsolve.distill import DISTILLERS, MSD, DenoisingTrainer, ideal_variational, linear_decay, make_distiller
 from diffsolve.schedules import sigmas_karras
 from diffsolve.solvers import sample_ddim
 from diffsolve.transforms import autoguidance, cfg
@@ -102,8 +102,9 @@ def distiller_options(method, model, transforms, inversion, column, cfg_, total_
 
 
 def study_distiller(method, model, transforms, inversion, column, cfg_, total_steps):
-    if method not in METHODS[1:]:
-        raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
+    """The distiller of one method (any of diffsolve.distill.DISTILLERS) with the study's options."""
+    if method not in DISTILLERS:
+        raise ValueError(f"method must be one of {tuple(DISTILLERS)}, got {method!r}")
     return make_distiller(method, model, **distiller_options(method, model, transforms, inversion, column, cfg_,
                                                              total_steps))
 
@@ -115,11 +116,13 @@ def mc_grad(distiller, x, n, generator):
     return distiller.grad(x.repeat_interleave(n, 0), generator).reshape(x.shape[0], n, -1).mean(1)
 
 
-def optimise(method, model, transforms, inversion, column, x0, cfg_, generator, progress=None):
-    """Run one distillation method from x0; returns (points, model calls per point and step, per-step log)."""
+def optimise(method, model, transforms, inversion, column, x0, cfg_, generator, progress=None, distiller=None):
+    """Run one distillation method from x0; returns (points, model calls per point and step, per-step log).
+    `distiller`: one built by the caller (a variant the study's options do not make) instead of the study's."""
     ideal = column == "ideal"
     steps, lr = (cfg_.ideal_steps, cfg_.ideal_lr) if ideal else (cfg_.steps, cfg_.lr)
-    distiller = study_distiller(method, model, transforms, inversion, column, cfg_, steps)
+    if distiller is None:
+        distiller = study_distiller(method, model, transforms, inversion, column, cfg_, steps)
     x = x0.clone().requires_grad_(True)
     opt = torch.optim.SGD([x], lr=lr) if ideal else torch.optim.Adam([x], lr=lr)
     log = []
