@@ -7,8 +7,8 @@ import torch
 from ..sampling import Solver, sample
 from .registry import register
 
-__all__ = ["DDIM", "Euler", "Heun", "ancestral_noise", "ancestral_step", "churn_sigma", "sample_ddim", "sample_euler",
-           "sample_euler_ancestral", "sample_heun"]
+__all__ = ["DDIM", "Euler", "Heun", "ancestral_noise", "ancestral_step", "churn_sigma", "renoised", "sample_ddim",
+           "sample_euler", "sample_euler_ancestral", "sample_heun"]
 
 
 def ancestral_step(sigma, sigma_next, eta=1.0):
@@ -71,7 +71,7 @@ class _Churned(Solver):
 class Euler(_Churned):
     """Euler steps of the probability-flow ODE (Karras et al. 2022, Algorithm 2 with its churn). Order 1."""
 
-    name, order = "euler", 1
+    name, order, splits_data_noise = "euler", 1, True
 
     def __init__(self, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
         super().__init__(s_churn, s_tmin, s_tmax, s_noise)
@@ -80,7 +80,7 @@ class Euler(_Churned):
     def step(self, s):
         x, sigma_hat = self.churn(s)
         d = s.denoise(x, sigma_hat)
-        return _lerp(d, x, s.sigma_next / sigma_hat)
+        return renoised(d, x, s.sigma_next / sigma_hat, s.noise_direction(d))
 
 
 class Heun(_Churned):
@@ -119,8 +119,7 @@ class DDIM(Solver):
     def step(self, s):
         sigma_down, sigma_up = ancestral_step(s.sigma, s.sigma_next, self.eta)
         d = s.denoise(s.x, s.sigma)
-        n = s.noise_direction(d)
-        x = _lerp(d, s.x, sigma_down / s.sigma) if n is d else d + (sigma_down / s.sigma) * (s.x - n)
+        x = renoised(d, s.x, sigma_down / s.sigma, s.noise_direction(d))
         return ancestral_noise(s, x, sigma_up, self.s_noise)
 
     def __repr__(self):
@@ -130,6 +129,14 @@ class DDIM(Solver):
 def _lerp(d, x, w):
     """d + w (x - d), one fused kernel."""
     return torch.lerp(d, x, w)
+
+
+def renoised(d, x, w, n):
+    """The first-order update d + w (x - n) to sigma_to = w sigma, with the noise (x - n) / sigma of the
+    step's noise direction n (`Step.noise_direction`): the unconditional prediction under CFG++ (Chung et al.
+    2024, eq. 10: data from the guided D, noise from the unconditional one), else d itself, for which this is
+    exactly `_lerp(d, x, w)` (the same kernel, so results without CFG++ are unchanged)."""
+    return _lerp(d, x, w) if n is d else d + w * (x - n)
 
 
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,

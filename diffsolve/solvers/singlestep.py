@@ -14,7 +14,7 @@ from ..sampling import Solver, sample
 from . import adaptive
 from .adaptive import *  # noqa: F401,F403
 from .adaptive import dpm_solver_step
-from .euler import _Churned, _lerp, ancestral_noise, ancestral_step
+from .euler import _Churned, _lerp, ancestral_noise, ancestral_step, renoised
 from .registry import register
 
 __all__ = ["DPM2", "DPM2Ancestral", "DPMpp2SAncestral", "DPMppSDE", "sample_dpm_2", "sample_dpm_2_ancestral",
@@ -93,10 +93,11 @@ class DPMpp2SAncestral(Solver):
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022b, Algorithm 1 with r = 1/2): from sigma to
     sigma_down, x_mid = (sigma_mid / sigma) x - expm1(-h/2) D at sigma_mid = sqrt(sigma sigma_down), then
     x' = (sigma_down / sigma) x - expm1(-h) D(x_mid, sigma_mid); then noise s_noise * sigma_up when sigma_next > 0.
-    A step whose sigma_down is 0 is the DDIM step (Euler to 0, then the noise).
+    A step whose sigma_down is 0 is the DDIM step (Euler to 0, then the noise). With CFG++ both first-order
+    updates renoise with the unconditional prediction of their evaluation (`renoised`).
     order: 2 at eta = 0, else 1. drift: 1 + eta**2 (DDIM's convention)."""
 
-    name = "dpmpp_2s_ancestral"
+    name, splits_data_noise = "dpmpp_2s_ancestral", True
 
     def __init__(self, eta=1.0, s_noise=1.0):
         self.eta, self.s_noise = _check_eta(eta, s_noise)
@@ -113,8 +114,8 @@ class DPMpp2SAncestral(Solver):
         else:
             t = -math.log(s.sigma)
             sigma_mid = math.exp(-(t + 0.5 * (-math.log(sigma_down) - t)))
-            d2 = s.denoise(_dpmpp_first(s.x, d, s.sigma, sigma_mid), sigma_mid)
-            x = _dpmpp_first(s.x, d2, s.sigma, sigma_down)
+            d2 = s.denoise(renoised(d, s.x, sigma_mid / s.sigma, s.noise_direction(d)), sigma_mid)
+            x = renoised(d2, s.x, sigma_down / s.sigma, s.noise_direction(d2))
         return ancestral_noise(s, x, sigma_up, self.s_noise)  # sigma_up is 0 on a step to sigma = 0
 
     def __repr__(self):
