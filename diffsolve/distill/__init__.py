@@ -12,12 +12,18 @@ from .msd import MSD, mean_shift_oracle
 from .sdi import SDI
 from .sds import SDS
 from .vsd import VSD, DenoisingTrainer, ideal_variational
+from .csd import CSD
+from .ism import ISM
+from .nfsd import NFSD
+from .sjc import SJC
 
 __all__ = ["AdaptiveBandwidth", "Call", "DISTILLERS", "DenoisingTrainer", "Distiller", "Draws", "MSD", "SDI", "SDS",
            "VSD", "constant", "ideal_variational", "linear_decay", "make_distiller", "mean_shift_oracle", "should_stop",
            "sigma_from_uniform"]
 
 DISTILLERS = {"sds": SDS, "msd": MSD, "vsd": VSD, "sdi": SDI}
+DISTILLERS.update({"ism": ISM, "csd": CSD, "nfsd": NFSD, "sjc": SJC})
+__all__ += ["CSD", "ISM", "NFSD", "SJC"]
 
 
 def make_distiller(method, model, **options):
