@@ -10,12 +10,13 @@ from .sampling import *  # noqa: F401,F403  (the loop and the step contract)
 from .solvers import *  # noqa: F401,F403  (every Solver class, sample_<name> function and the registry)
 from .transforms import *  # noqa: F401,F403
 from .guidance import *  # noqa: F401,F403  (guidance methods beyond CFG: rescale, APG, CFG-Zero*, CFG++, ...)
+from .flow_matching import *  # noqa: F401,F403  (rectified-flow denoiser, flow-time solvers, shifted schedules)
 from . import denoisers as _denoisers, noise as _noise, partial as _partial, sampling as _sampling
-from . import schedules as _schedules
+from . import schedules as _schedules, flow_matching as _flow_matching
 from . import solvers as _solvers, transforms as _transforms
 from . import guidance as _guidance
 from ._version import __version__
 
 __all__ = sorted({"__version__", "sample_odeint", *_denoisers.__all__, *_noise.__all__, *_partial.__all__, *_schedules.__all__,
-                  *_sampling.__all__, *_solvers.__all__, *_transforms.__all__,
+                  *_sampling.__all__, *_solvers.__all__, *_transforms.__all__, *_flow_matching.__all__,
                   *_guidance.__all__})

@@ -19,14 +19,17 @@ def check_positive(value, name):
     return value
 
 
-def check_sigmas(sigmas):
-    """Validate a noise schedule: 1-D, at least two entries, finite, >= 0, strictly descending."""
+def check_sigmas(sigmas, infinite_start=False):
+    """Validate a noise schedule: 1-D, at least two entries, finite (the first may be inf with
+    `infinite_start`, the flow-matching t = 1), >= 0, strictly descending."""
     if not isinstance(sigmas, torch.Tensor):
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D tensor with at least 2 entries, got shape {tuple(sigmas.shape)}")
-    if not torch.isfinite(sigmas).all():
-        raise ValueError(f"sigmas must be finite, got {sigmas.tolist()}")
+    rest = sigmas[1:] if infinite_start and sigmas[0] == float("inf") else sigmas
+    if not torch.isfinite(rest).all():
+        where = " (only the first may be inf)" if infinite_start else ""
+        raise ValueError(f"sigmas must be finite{where}, got {sigmas.tolist()}")
     if (sigmas < 0).any():
         raise ValueError(f"sigmas must be >= 0, got {sigmas.min().item()} in {sigmas.tolist()}")
     steps = sigmas[1:] - sigmas[:-1]

@@ -19,6 +19,13 @@ the history it keeps, how its drift scales the score) and a `step(s)` that takes
   - explicit noise: a `noise_sampler(sigma, sigma_next)` or draws from one `generator`.
 
 Per-run state (counts, history, the transforms' state) lives in the call; solvers keep none.
+
+sigma = inf as the first grid value (rectified-flow grids that start at t = 1, diffsolve/flow_matching.py): the
+state x then holds the unit noise n = lim x / sigma and the denoiser is called with sigma = inf. Unless the solver
+declares `infinite_start` (its step takes that point itself, e.g. `FlowTime`), the loop takes the first step as
+the exact limit of every solver's step, x' = D(x, inf) + sigma' x (the ODE's, deterministic; one model call; not
+stored in the history), and hands the solver the rest of the grid, sigmas[1:] (callback / step_hook keep the full
+grid's step numbers). Transforms with exact flows are refused on such a grid.
 """
 import math
 
@@ -62,6 +69,7 @@ class Solver:
     splits_data_noise = False
     evaluates_at_start = False
     own_grid = False
+    infinite_start = False  # True: step() takes a grid starting at sigma = inf itself (see the module docstring)
 
     def drift(self, sigmas, i):
         """Factor by which step i's drift on the score exceeds the probability-flow ODE's over
@@ -159,6 +167,18 @@ def _carry(flows, x, history, sigma, sigma_next, drift):
     return _flow(flows, x, sigma, sigma_next, drift), history
 
 
+class _LimitStep(Solver):
+    """The exact first step from sigma = inf, where x holds n: x' = D(x, inf) + sigma' x."""
+
+    name = "limit_from_infinity"
+
+    def step(self, s):
+        return s.denoise(s.x, s.sigma) + s.sigma_next * s.x
+
+
+_LIMIT = _LimitStep()
+
+
 @torch.no_grad()
 def sample(solver, model, x, sigmas, extra_args=None, callback=None, disable=None, *, transforms=(),
            generator=None, noise_sampler=None, step_hook=None, check_finite=True, return_info=False):
@@ -167,11 +187,13 @@ def sample(solver, model, x, sigmas, extra_args=None, callback=None, disable=Non
     callback: k-diffusion's, called after each step with {"x", "i", "sigma", "sigma_hat", "denoised",
     "nfe"} (x and sigma_hat where the step first evaluated the model). Returns x, or (x, SampleInfo)."""
     extra_args = _check_inputs(solver, x, extra_args)
-    sig = [float(s) for s in check_sigmas(sigmas)]
+    sig = [float(s) for s in check_sigmas(sigmas, infinite_start=True)]
     run = Run(x.shape[0])
     denoiser, flows = run_denoiser(model, transforms, run)
     if flows and not solver.applies_flows:
         raise ValueError(f"{solver!r} cannot apply exact flows (split faces); use face='score' or another solver")
+    if flows and math.isinf(sig[0]):
+        raise ValueError("a grid starting at sigma = inf cannot carry exact flows (split faces); use face='score'")
     renoise = any(t.renoises_with_uncond for t in transforms)
     if renoise and not solver.splits_data_noise:
         raise ValueError(f"a transform renoises with the unconditional prediction (CFG++), which needs a step "
@@ -187,22 +209,31 @@ def sample(solver, model, x, sigmas, extra_args=None, callback=None, disable=Non
         return denoiser(z, sigma * rows if not isinstance(sigma, torch.Tensor) else sigma, **extra_args)
 
     history, keep = (), solver.history
-    for i in trange(len(sig) - 1, disable=disable):
-        sigma, sigma_next = sig[i], sig[i + 1]
-        drift = solver.drift(sig, i) if applied or absorbed else 1.0
-        if strang:
-            mid = strang_midpoint(sigma, sigma_next)
-            x, history = _carry(strang, x, history, sigma, mid, drift)
-        s = Step(i, sig, x, history, den, noise, run, renoise, absorbed, drift)
-        x = solver.step(s)
+    limit = math.isinf(sig[0]) and not solver.infinite_start
+    full, sig = sig, sig[1:] if limit else sig
+    for i in trange(len(full) - 1, disable=disable):
+        sigma, sigma_next = full[i], full[i + 1]
+        if limit and i == 0:
+            s = Step(0, full, x, (), den, noise, run, False)
+            x = _LIMIT.step(s)
+        else:
+            j = i - 1 if limit else i  # the step's index in the grid the solver sees
+            drift = solver.drift(sig, j) if applied or absorbed else 1.0
+            if strang:
+                mid = strang_midpoint(sigma, sigma_next)
+                x, history = _carry(strang, x, history, sigma, mid, drift)
+            s = Step(j, sig, x, history, den, noise, run, renoise, absorbed, drift)
+            x = solver.step(s)
         first = s.first
         if callback is not None:
             callback({"x": first.x if first else s.x, "i": i, "sigma": sigma,
                       "sigma_hat": first.sigma if first else sigma, "denoised": first.denoised if first else None,
                       "nfe": run.info.nfe})
+        if limit and i == 0:
+            first = None  # the limit step is not part of the solver's history
         if keep:
             history = (history + ((first,) if first is not None else ()))[-keep:]
-        x, history = _carry(lie, x, history, sigma, sigma_next, drift)
+        x, history = _carry(lie, x, history, sigma, sigma_next, 1.0 if limit and i == 0 else drift)
         if strang:
             x, history = _carry(strang, x, history, mid, sigma_next, drift)
         if step_hook is not None:

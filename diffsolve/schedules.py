@@ -12,7 +12,7 @@ import torch
 
 from ._checks import check_positive
 
-__all__ = ["sigmas_log_uniform", "AYS_SIGMAS", "SCHEDULES", "SPACINGS", "append_zero", "beta_ppf", "discrete_timesteps", "get_sigmas", "sigmas_align_your_steps", "sigmas_beta", "sigmas_beta_range", "sigmas_beta_table", "sigmas_ddim_uniform", "sigmas_discrete", "sigmas_exponential", "sigmas_from_alphas_cumprod", "sigmas_karras", "sigmas_kl_optimal", "sigmas_linear_quadratic", "sigmas_normal", "sigmas_polyexponential", "sigmas_sgm_uniform", "sigmas_simple", "sigmas_vp"]
+__all__ = ["sigmas_log_uniform", "AYS_SIGMAS", "FLOW_SCHEDULES", "SCHEDULES", "SPACINGS", "append_zero", "beta_ppf", "discrete_timesteps", "get_sigmas", "sigmas_align_your_steps", "sigmas_beta", "sigmas_beta_range", "sigmas_beta_table", "sigmas_ddim_uniform", "sigmas_discrete", "sigmas_exponential", "sigmas_from_alphas_cumprod", "sigmas_karras", "sigmas_kl_optimal", "sigmas_linear_quadratic", "sigmas_normal", "sigmas_polyexponential", "sigmas_sgm_uniform", "sigmas_simple", "sigmas_vp"]
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -384,10 +384,16 @@ SCHEDULES = {
 }
 
 
+FLOW_SCHEDULES = {}  # rectified-flow grids, filled by flow_matching.py: they may start at sigma = inf (t = 1)
+
+
 def get_sigmas(name, n, **params):
-    """The schedule `name` (as ComfyUI / k-diffusion spell it, a key of SCHEDULES) with n steps: `SCHEDULES[name]
-    (n, **params)`. Table schedules take model_sigmas=...; for ComfyUI's range schedules on a model pass
-    sigma_min=model_sigmas[0], sigma_max=model_sigmas[-1] (linear_quadratic: sigma_max only)."""
+    """The schedule `name` (as ComfyUI / k-diffusion spell it, a key of SCHEDULES or FLOW_SCHEDULES) with n steps:
+    `SCHEDULES[name](n, **params)`. Table schedules take model_sigmas=...; for ComfyUI's range schedules on a model
+    pass sigma_min=model_sigmas[0], sigma_max=model_sigmas[-1] (linear_quadratic: sigma_max only)."""
+    if name in FLOW_SCHEDULES:
+        return FLOW_SCHEDULES[name](n, **params)
     if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; known schedules: {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown schedule {name!r}; known schedules: {', '.join(SCHEDULES)}"
+                         f" (flow matching: {', '.join(FLOW_SCHEDULES)})")
     return SCHEDULES[name](n, **params)

@@ -192,6 +192,17 @@ def euler_inversion(den, x, levels, extra_args):
     return trajectory
 
 
+def check_sigma_range(sigma_min, sigma_max):
+    """0 < sigma_min < sigma_max < inf. A distiller draws or starts at sigma_max, so it must be finite: a flow
+    model's t = 1 (sigma = inf) is pure noise, where the gradient carries no information about x; take
+    sigma_max = t_max / (1 - t_max) for the largest t wanted (threestudio's max_step_percent = 0.98: t = 0.98)."""
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if not math.isfinite(sigma_max):
+        raise ValueError(f"sigma_max must be finite for a distiller, got {sigma_max} (a flow model's t = 1); take "
+                         "sigma_max = t / (1 - t) for the largest flow time t to draw, e.g. 49 for t = 0.98")
+
+
 def check_sigma_sampling(sampling):
     if sampling not in SIGMA_SAMPLINGS:
         raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {sampling!r}")
@@ -229,8 +240,7 @@ class NoisyDistiller(Distiller):
     def __init__(self, model, *, sigma_min=0.002, sigma_max=5.0, sigma_sampling="karras", rho=7.0,
                  weighting="uniform", transforms=(), extra_args=None):
         super().__init__(model, transforms, extra_args)
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        check_sigma_range(sigma_min, sigma_max)
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho}")
         self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
