@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from diffsolve_studies.scene3d import CLASSES, VoxelField, camera_rays, field_of, occupancy, render
+from diffsolve_studies.scene3d.render import trilinear
 from diffsolve_studies.scene3d.geometry import iou, occupied, shape_iou
 
 
@@ -31,11 +32,22 @@ def test_empty_field_renders_the_background_and_an_opaque_slab_its_colour():
 
 
 def test_absorption_through_a_uniform_cube_is_beer_lambert():
-    # the central ray of a camera on the x axis crosses the cube over length 2: T = exp(-2 sigma)
+    # the central ray of a camera on the x axis crosses the cube over length 2; the density is sigma up to the
+    # outermost voxel centres (1 / R from the faces) and falls linearly towards the zero padding beyond them,
+    # to sigma / 2 at the faces: optical depth sigma (2 - 2 / R + 2 * 0.75 / R) = sigma (2 - 1 / (2 R))
     r, sigma = 16, 0.7
     img = render(torch.full((1, r, r, r), sigma, dtype=torch.float64), torch.zeros(3, r, r, r, dtype=torch.float64),
-                 0.0, 0.0, 3.0, size=2, samples=400, fov=1e-3)
-    assert img[0, 0].mean().item() == pytest.approx(math.exp(-2 * sigma), rel=2e-2)
+                 0.0, 0.0, 3.0, size=2, samples=800, fov=1e-3)
+    assert img[0, 0].mean().item() == pytest.approx(math.exp(-sigma * (2 - 1 / (2 * r))), rel=1e-4)
+
+
+def test_trilinear_equals_grid_sample():
+    g = torch.Generator().manual_seed(1)
+    vol = torch.randn(4, 6, 6, 6, generator=g, dtype=torch.float64)
+    pts = torch.rand(5, 7, 3, generator=g, dtype=torch.float64) * 2.8 - 1.4  # inside and outside the cube
+    ours = trilinear(vol, pts)
+    peer = torch.nn.functional.grid_sample(vol[None], pts[None, None], align_corners=False)[0, :, 0].permute(1, 2, 0)
+    assert torch.allclose(ours, peer, atol=1e-12)
 
 
 def test_cameras_look_at_the_origin_and_azimuth_zero_sees_the_front():

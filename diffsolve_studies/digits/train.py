@@ -37,10 +37,10 @@ def _digest(split):
     return h.hexdigest()[:12]
 
 
-def _paths(kind, config, split, cache_dir):
+def _paths(kind, config, split, cache_dir, folder="digits"):
     key = hashlib.sha256((json.dumps({**config, "environment": environment()}, sort_keys=True) + _digest(split))
                          .encode()).hexdigest()[:16]
-    root = (default_cache_dir() if cache_dir is None else cache_dir) / "digits"
+    root = (default_cache_dir() if cache_dir is None else cache_dir) / folder
     return root / f"{kind}-{key}.pt", root / f"{kind}-{key}.ckpt.pt"
 
 
@@ -71,10 +71,13 @@ def _classifier_loss(net, split, cfg, gen):
 
 @torch.inference_mode(False)
 @torch.enable_grad()
-def _train(kind, build, loss_fn, cfg, split, cache_dir, progress, checkpoint_every=500, stop_after=None):
+def _train(kind, build, loss_fn, cfg, split, cache_dir, progress, checkpoint_every=500, stop_after=None,
+           folder="digits"):
     """Shared loop: load the cached final model, else resume from a checkpoint, else start; returns the
-    (EMA, for denoisers) network in eval mode with `train_seconds` and `cache_path` attributes."""
-    final, ckpt = _paths(kind, cfg, split, cache_dir)
+    (EMA, for denoisers) network in eval mode with `train_seconds` and `cache_path` attributes. `split` is
+    anything with `train_images` / `train_labels` tensors (hashed into the cache key); files go to
+    <cache>/<folder>/."""
+    final, ckpt = _paths(kind, cfg, split, cache_dir, folder)
     config = json.dumps(cfg, sort_keys=True)
     net = build()
     data = _try_load(final, f"cached {kind}", ("config", "state", "train_seconds")) if final.exists() else None
@@ -111,7 +114,7 @@ def _train(kind, build, loss_fn, cfg, split, cache_dir, progress, checkpoint_eve
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg["iterations"], initial=start, desc=f"train digits {kind}", leave=False)
+        bar = tqdm(total=cfg["iterations"], initial=start, desc=f"train {folder} {kind}", leave=False)
     t0, decay = time.perf_counter(), cfg.get("ema", 0.0)
     net.train()
     for it in range(start, cfg["iterations"]):

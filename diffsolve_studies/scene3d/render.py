@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["VoxelField", "camera_rays", "render", "random_cameras"]
+__all__ = ["VoxelField", "camera_rays", "render", "random_cameras", "trilinear"]
 
 
 def _check_cameras(elevation, azimuth, distance):
@@ -27,6 +27,42 @@ def _check_cameras(elevation, azimuth, distance):
     if not bool((e.abs() < 90).all()):
         raise ValueError(f"elevation must lie in (-90, 90) degrees, got {e.tolist()}")
     return e, a, d
+
+
+def trilinear(volume, points):
+    """Trilinear samples [..., C] of volume [C, R, R, R] (indexed [z, y, x], voxel centres at
+    (i + 0.5) / R * 2 - 1) at points [..., 3] = (x, y, z); zero outside the grid (the same values as
+    3-D `grid_sample` with zero padding, which is several times slower on a CPU). The volume is padded
+    with zeros (one voxel below, two above) so that the eight corners are plain offsets of one index."""
+    C, R = volume.shape[0], volume.shape[-1]
+    P = R + 3
+    padded = torch.nn.functional.pad(volume, (1, 2, 1, 2, 1, 2)).reshape(C, -1).t()  # [(R + 3)^3, C]
+    u = ((points + 1) * (R / 2) - 0.5).clamp(-1.0, float(R))  # beyond the pad every corner is zero
+    i0 = torch.floor(u)
+    f = u - i0
+    i0 = i0.long() + 1
+    base = (i0[..., 2] * P + i0[..., 1]) * P + i0[..., 0]
+    fx, fy, fz = f.unbind(-1)
+    wx, wy, wz = (1 - fx, fx), (1 - fy, fy), (1 - fz, fz)
+    out = 0
+    for dz in (0, 1):
+        for dy in (0, 1):
+            w_zy = wz[dz] * wy[dy]
+            for dx in (0, 1):
+                corner = torch.nn.functional.embedding(base + ((dz * P + dy) * P + dx), padded)
+                out = out + (w_zy * wx[dx])[..., None] * corner
+    return out
+
+
+def box_interval(eye, dirs):
+    """(t_near, t_far) [B, H, W] of each ray with the world cube [-1, 1]^3 (slab method; t_far <= t_near
+    when the ray misses it)."""
+    inv = 1.0 / torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
+    o = eye[:, None, None, :]
+    t1, t2 = (-1 - o) * inv, (1 - o) * inv
+    near = torch.minimum(t1, t2).amax(-1).clamp(min=0)
+    far = torch.maximum(t1, t2).amin(-1)
+    return near, torch.maximum(far, near)
 
 
 def camera_rays(elevation, azimuth, distance, size=32, fov=45.0):
@@ -54,7 +90,7 @@ def random_cameras(n, generator=None, elevation=(-10.0, 45.0), distance=2.4):
             "camera_distances": torch.full((n,), float(distance))}
 
 
-def render(density, rgb, elevation, azimuth, distance, size=32, samples=48, background=1.0, fov=45.0):
+def render(density, rgb, elevation, azimuth, distance, size=32, samples=32, background=1.0, fov=45.0):
     """Images [B, 3, size, size] in [0, 1] of the field (density [1, R, R, R] >= 0, rgb [3, R, R, R] in
     [0, 1], both indexed [z, y, x]) from each camera; differentiable in density and rgb."""
     if density.ndim != 4 or density.shape[0] != 1 or rgb.shape != (3,) + density.shape[1:]:
@@ -62,17 +98,13 @@ def render(density, rgb, elevation, azimuth, distance, size=32, samples=48, back
                          f"{tuple(rgb.shape)}")
     eye, dirs = camera_rays(elevation, azimuth, distance, size, fov)
     eye, dirs = eye.to(density), dirs.to(density)
-    B = eye.shape[0]
-    d = eye.norm(dim=-1)
-    near, far = d - math.sqrt(3), d + math.sqrt(3)
+    near, far = box_interval(eye, dirs)  # samples only where the ray is inside the world cube
     frac = (torch.arange(samples, dtype=density.dtype, device=density.device) + 0.5) / samples
-    depth = near[:, None] + (far - near)[:, None] * frac  # [B, S]
-    delta = ((far - near) / samples)[:, None, None, None]  # [B, 1, 1, 1]
-    pts = eye[:, None, None, None] + dirs[:, :, :, None] * depth[:, None, None, :, None]  # [B, H, W, S, 3]
-    grid = pts.reshape(1, B * size, size, samples, 3)  # grid_sample reads (x, y, z) -> (W, H, D)
-    volume = torch.cat([density, density * rgb], 0)[None]  # premultiplied colour
-    vals = F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    vals = vals.reshape(4, B, size, size, samples)
+    depth = near[..., None] + (far - near)[..., None] * frac  # [B, H, W, S]
+    delta = ((far - near) / samples)[..., None]  # [B, H, W, 1]
+    pts = eye[:, None, None, None] + dirs[:, :, :, None] * depth[..., None]  # [B, H, W, S, 3]
+    volume = torch.cat([density, density * rgb], 0)  # premultiplied colour
+    vals = trilinear(volume, pts).permute(4, 0, 1, 2, 3)  # [4, B, H, W, S]
     sigma = vals[0].clamp(min=0)
     colour = vals[1:] / sigma.clamp(min=1e-8)
     alpha = 1 - torch.exp(-sigma * delta)
