@@ -19,8 +19,8 @@ from ._checks import check_like, check_positive
 from .denoisers import append_dims, sigma_rows
 
 __all__ = ["CONVENTIONS", "FLOWS", "KERNEL_FACES", "SPLITTINGS", "Flow", "GaussianKernel", "Guidance",
-           "IntervalFlow", "LimitedInterval", "Run", "SampleInfo", "Transform", "autoguidance", "cfg", "compose",
-           "gaussian_kernel", "limited_interval"]
+           "IntervalFlow", "LimitedInterval", "LinearTerm", "Run", "SampleInfo", "Transform", "autoguidance", "cfg",
+           "compose", "gaussian_kernel", "limited_interval"]
 
 CONVENTIONS = ("diffusers", "paper")
 SPLITTINGS = ("lie", "strang")
@@ -69,6 +69,27 @@ class Flow:
 
     def apply(self, x, sigma, sigma_next, drift=1.0):
         raise NotImplementedError
+
+    def linear_terms(self, x, sigma, sigma_next, drift=1.0):
+        """The flow's term over [sigma_next, sigma] for a solver that absorbs it (`Solver.absorbs_flows`, e.g.
+        `KernelExponential`): a list of `LinearTerm(hi, lo, rate, center)`, the term being
+        dz/dsigma = rate * sigma * (z - center) on each [lo, hi] and 0 elsewhere in the step. A flow that
+        cannot be written so keeps this default and such solvers refuse it."""
+        raise NotImplementedError(f"{type(self).__name__} has no linear form")
+
+
+class LinearTerm:
+    """One piece of an absorbable flow: dz/dsigma = rate * sigma * (z - center) for sigma in [lo, hi].
+    rate >= 0 is a float or a [B] float64 tensor (one value per row); center is a tensor like x, frozen on
+    the piece."""
+
+    __slots__ = ("hi", "lo", "rate", "center")
+
+    def __init__(self, hi, lo, rate, center):
+        self.hi, self.lo, self.rate, self.center = float(hi), float(lo), rate, center
+
+    def __repr__(self):
+        return f"LinearTerm(hi={self.hi}, lo={self.lo}, rate={self.rate})"
 
 
 class Transform:
@@ -180,6 +201,11 @@ class IntervalFlow(Flow):
     def apply(self, x, sigma, sigma_next, drift=1.0):
         hi, lo = min(sigma, self.hi), max(sigma_next, self.lo)
         return self.inner.apply(x, hi, lo, drift) if hi > lo else x
+
+    def linear_terms(self, x, sigma, sigma_next, drift=1.0):
+        """The inner flow's terms over the part of [sigma_next, sigma] in (lo, hi]; none outside."""
+        hi, lo = min(sigma, self.hi), max(sigma_next, self.lo)
+        return self.inner.linear_terms(x, hi, lo, drift) if hi > lo else []
 
 
 class LimitedInterval(Transform):
@@ -314,6 +340,14 @@ class GaussianKernel(Transform, Flow):
         if isinstance(f, torch.Tensor):
             return (c + (x - c) * f).to(x.dtype)
         return torch.lerp(c, x, f)
+
+    def linear_terms(self, x, sigma, sigma_next, drift=1.0):
+        """The split face's term as one `LinearTerm`: rate 2 k / lambda**2 (k = `exponent_scale(drift)`), the
+        centre frozen at sigma_next as `apply` takes it (a callable centre is first order in the step)."""
+        if not sigma > sigma_next:
+            return []
+        rate = 2 * self.exponent_scale(drift) / self.lam2
+        return [LinearTerm(sigma, sigma_next, rate, self.center_at(sigma_next, x))]
 
     def first_useful_step(self, sigmas, drift=1.0, tol=1e-6):
         """Index of the first step whose kernel factor exceeds `tol`: earlier steps reset z to c and only

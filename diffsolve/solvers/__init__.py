@@ -9,10 +9,13 @@ from .multistep import *  # noqa: F401,F403
 from .sde import *  # noqa: F401,F403
 from .unipc import *  # noqa: F401,F403
 from .lcm import *  # noqa: F401,F403
+from .kernel_exp import *  # noqa: F401,F403
 from .function import FunctionSolver
 from . import dpmpp, euler, lcm, multistep, sde, singlestep, unipc
+from . import kernel_exp
 
 register("odeint", Odeint)
 
 __all__ = ["FunctionSolver", "Odeint", "SOLVERS", "get_solver", "register", "sample_odeint", "solver_factory",
-           *euler.__all__, *dpmpp.__all__, *singlestep.__all__, *multistep.__all__, *sde.__all__, *unipc.__all__, *lcm.__all__]
+           *euler.__all__, *dpmpp.__all__, *singlestep.__all__, *multistep.__all__, *sde.__all__, *unipc.__all__, *lcm.__all__,
+           *kernel_exp.__all__]
