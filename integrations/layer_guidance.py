@@ -129,19 +129,19 @@ class LayerPerturbation:
         with perturbed(self):  # the hooks install on these blocks (diffusers raises naming what it misses)
             pass
 
-    def install(self, name):
-        """Install the hooks under `name` + an index (diffusers' private appliers, as its guiders call them)."""
+    def install(self, name, names):
+        """Install the hooks, one name per configuration (`name` + an index), appending each name to `names`
+        before its hooks go in (so that a failure halfway leaves a list to remove); diffusers' private appliers,
+        called as its guiders call them."""
         from diffusers.hooks.layer_skip import _apply_layer_skip_hook
         from diffusers.hooks.smoothed_energy_guidance_utils import _apply_smoothed_energy_guidance_hook
 
-        names = []
         for k, config in enumerate(self.configs):
             names.append(f"{name}_{k}")
             if self.kind == "seg":
                 _apply_smoothed_energy_guidance_hook(self.module, copy.copy(config), self.blur_sigma, name=names[-1])
             else:
                 _apply_layer_skip_hook(self.module, copy.copy(config), name=names[-1])
-        return names
 
     def __repr__(self):
         return f"LayerPerturbation({self.kind!r}, blocks={self.blocks})"
@@ -162,7 +162,7 @@ def perturbed(perturbation):
     before = _hook_state(module)
     names = []
     try:
-        names = perturbation.install(f"diffsolve_{perturbation.kind}_{next(_names)}")
+        perturbation.install(f"diffsolve_{perturbation.kind}_{next(_names)}", names)
         yield
     finally:
         registry = HookRegistry.check_if_exists_or_initialize(module)

@@ -118,6 +118,16 @@ def test_hooks_removed_when_the_perturbed_call_raises(parts):
         guided(to_ve(latents, 2.0), torch.tensor([2.0]))
     assert calls == [True, False]  # plain call without hooks, perturbed call with them
     assert _state(unet) == before
+    # an install that fails halfway (the second block stack is gone) takes the first one's hooks back out
+    from diffusers.hooks import LayerSkipConfig
+    p = LayerPerturbation(unet, "pag", ["mid", "down_blocks"])
+    assert len(p.configs) == 2
+    p.configs[1] = LayerSkipConfig(indices=[0], fqn="nowhere.transformer_blocks", skip_attention=False,
+                                   skip_attention_scores=True, skip_ff=False)
+    with pytest.raises(ValueError, match="nowhere"):
+        with perturbed(p):
+            pass
+    assert _state(unet) == before
 
 
 def test_combinations_follow_the_guiders_formulas(parts):
