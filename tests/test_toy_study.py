@@ -1,4 +1,5 @@
-"""The 2D study end to end in --quick mode: every method runs, metrics are finite, results resume."""
+"""The 2D study end to end in --quick mode: every method runs, metrics are finite, SDS and MSD at least halve the
+mean distance to the nearest mode in the ideal column, results resume."""
 import json
 import math
 
@@ -19,6 +20,9 @@ def test_quick_study_runs_every_method_and_resumes(tmp_path):
             assert all(math.isfinite(metrics[k]) for k in ("nll", "precision", "recall", "mmd_biased_e4"))
             assert (tmp_path / "out" / "toy2d_points" / f"fractal_{column}_{method}.npy").exists()
     assert set(results["efficiency"]) == {"fractal/ideal", "fractal/learned"}
+    for method in ("sds", "msd"):  # the quick run shows the study's behaviour: the points reach the modes
+        d = results["runs"][f"fractal/ideal/{method}"]["mode_distance"]
+        assert d["end"] <= 0.5 * d["start"], (method, d)
     assert (tmp_path / "fig" / "toy2d_fractal_points.png").exists()
     saved = json.loads((tmp_path / "out" / "toy2d.json").read_text())
     assert saved["runs"].keys() == results["runs"].keys()

@@ -9,7 +9,7 @@ text-to-2D and the threestudio-style guidance use.
 from .bandwidth import AdaptiveBandwidth, constant, linear_decay, should_stop
 from .base import Call, Distiller, Draws, sigma_from_uniform
 from .msd import MSD, mean_shift_oracle
-from .sdi import SDI
+from .sdi import SDI, OfficialSDI
 from .sds import SDS
 from .vsd import VSD, DenoisingTrainer, ideal_variational
 from .csd import CSD
@@ -21,7 +21,8 @@ __all__ = ["AdaptiveBandwidth", "Call", "DISTILLERS", "DenoisingTrainer", "Disti
            "VSD", "constant", "ideal_variational", "linear_decay", "make_distiller", "mean_shift_oracle", "should_stop",
            "sigma_from_uniform"]
 
-DISTILLERS = {"sds": SDS, "msd": MSD, "vsd": VSD, "sdi": SDI}
+DISTILLERS = {"sds": SDS, "msd": MSD, "vsd": VSD, "sdi": SDI, "sdi_official": OfficialSDI}
+__all__ += ["OfficialSDI"]
 DISTILLERS.update({"ism": ISM, "csd": CSD, "nfsd": NFSD, "sjc": SJC})
 __all__ += ["CSD", "ISM", "NFSD", "SJC"]
 

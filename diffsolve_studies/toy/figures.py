@@ -1,5 +1,6 @@
 """Figures in the style of the paper's Figures 1-3: optimised points over the density, and the
 reconstructed loss landscapes (needs matplotlib)."""
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -27,7 +28,11 @@ def _save(fig, path):
     return path
 
 
-def study_figures(results, datasets, out_dir, figures_dir, cache_dir=None, iterations_scale=1.0, cfg=None):
+def study_figures(results, datasets, out_dir, figures_dir, cache_dir=None, iterations_scale=1.0, cfg=None,
+                  note=None):
+    """The points and landscape figures of each data set; `note`: a line printed above the points figure
+    (what the run is, e.g. the quick mode's settings). Each panel gives the mean distance of the points to
+    the nearest mode of the density at the start and at the end."""
     paths = []
     for name in datasets:
         density, _ = study.dataset_density(name, 2000)
@@ -43,11 +48,18 @@ def study_figures(results, datasets, out_dir, figures_dir, cache_dir=None, itera
                 if f"{name}/{column}/{method}" in results["runs"] and f.exists():  # verified by the runner
                     pts = np.load(f)
                     ax.scatter(pts[:, 0], pts[:, 1], s=0.5, c="tab:orange")
-                    m = results["runs"][f"{name}/{column}/{method}"]["metrics"]
-                    ax.set_title(f"{method.upper()} NLL {m['nll']:.2f}", fontsize=8)
+                    run = results["runs"][f"{name}/{column}/{method}"]
+                    ax.set_title(f"{method.upper()} NLL {run['metrics']['nll']:.2f}", fontsize=8)
+                    if "mode_distance" in run:
+                        d = run["mode_distance"]
+                        ax.text(0.02, 0.02, f"mode dist {d['start']:.2f} -> {d['end']:.2f}", fontsize=6,
+                                transform=ax.transAxes, color="k",
+                                bbox=dict(facecolor="w", alpha=0.7, pad=1, linewidth=0))
                 ax.set_xlim(-LIM, LIM), ax.set_ylim(-LIM, LIM), ax.set_xticks([]), ax.set_yticks([])
             axes[r, 0].set_ylabel(column)
-        fig.tight_layout()
+        if note:
+            fig.suptitle("\n".join(textwrap.wrap(note, 16 * len(study.METHODS))), fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1, 0.93) if note else (0, 0, 1, 1))
         paths.append(_save(fig, Path(figures_dir) / f"toy2d_{name}_points.png"))
         lands = {k: v for k, v in results["landscapes"].items() if k.startswith(f"{name}/")}
         if lands:

@@ -13,12 +13,13 @@ from diffsolve.analytic import EmpiricalDenoiser
 from diffsolve.distill import DISTILLERS, MSD, DenoisingTrainer, ideal_variational, linear_decay, make_distiller
 from diffsolve.schedules import sigmas_karras
 from diffsolve.solvers import sample_ddim
-from diffsolve.transforms import autoguidance, cfg
+from diffsolve.transforms import FLOWS, autoguidance, cfg
 from .datasets import fractal_tree, kde_mixture, pinwheel_points, spiral_points
 
 COLUMNS = {"fractal": ("ideal", "learned", "cfg", "autoguidance"), "spiral": ("ideal", "learned"),
            "pinwheel": ("ideal", "learned")}
 METHODS = ("ddim", "sds", "vsd", "sdi", "msd")
+SDI_VARIANTS = {"official": "sdi_official", "paper": "sdi"}  # StudyConfig.sdi_variant -> distiller of the "sdi" row
 
 
 @dataclass
@@ -36,8 +37,20 @@ class StudyConfig:
     lam0: float = 0.316          # MSD initial bandwidth, decayed linearly (paper)
     cfg_scale: float = 4.0       # Karras g (diffusers convention) = paper w + 1
     autoguidance_scale: float = 3.0
-    weighting: str = "sds"       # w(sigma) of SDS / VSD / SDI: DreamFusion's and threestudio's default 1 - abar
+    weighting: str = "sds"       # w(sigma) of SDS / VSD (and of SDI "paper"): DreamFusion's and threestudio's 1 - abar
+    sdi_variant: str = "official"  # "official": the official code's SDI (OfficialSDI); "paper": SDI on the rho-grid
+    msd_flow: str = "literal"    # MSD's split-face flow, chosen on closed-form problems (docs/results.md)
+    vsd_phi_steps: int = 1       # Adam steps on VSD's variational model per optimisation step (threestudio: 1)
+    vsd_phi_lr: float = 1e-3
     seed: int = 0
+
+    def __post_init__(self):
+        if self.sdi_variant not in SDI_VARIANTS:
+            raise ValueError(f"sdi_variant must be one of {SDI_VARIANTS}, got {self.sdi_variant!r}")
+        if self.msd_flow not in FLOWS:
+            raise ValueError(f"msd_flow must be one of {FLOWS}, got {self.msd_flow!r}")
+        if int(self.vsd_phi_steps) != self.vsd_phi_steps or self.vsd_phi_steps < 1:
+            raise ValueError(f"vsd_phi_steps must be a positive integer, got {self.vsd_phi_steps!r}")
 
 
 def dataset_density(name, data_points=10_000):
@@ -91,20 +104,28 @@ def distiller_options(method, model, transforms, inversion, column, cfg_, total_
     """The study's options of one method (see StudyConfig); MSD's bandwidth decays linearly over the run."""
     common = dict(sigma_min=cfg_.sigma_min, sigma_max=cfg_.sigma_max, transforms=transforms)
     noisy = dict(common, weighting=cfg_.weighting)
+    if method == "sdi_official":  # its own DDPM timesteps and no weighting (the official code)
+        return dict(transforms=transforms, total_steps=total_steps, inversion_transforms=inversion)
     if method == "sdi":
         return dict(noisy, total_steps=total_steps, inversion_transforms=inversion)
     if method == "vsd":  # phi: the ideal denoiser of the particles, or an unguided copy of the model
-        return dict(noisy, variational_update=ideal_variational if column == "ideal" else DenoisingTrainer(model))
+        if column == "ideal":
+            return dict(noisy, variational_update=ideal_variational)
+        return dict(noisy, variational_update=DenoisingTrainer(model, lr=cfg_.vsd_phi_lr,
+                                                               steps_per_update=cfg_.vsd_phi_steps))
     if method == "msd":
-        return dict(common, bandwidth=cfg_.lam0, steps=cfg_.chain_steps, n_samples=cfg_.n_mc,
+        return dict(common, bandwidth=cfg_.lam0, steps=cfg_.chain_steps, n_samples=cfg_.n_mc, flow=cfg_.msd_flow,
                     schedule=linear_decay(cfg_.lam0, total_steps))
     return noisy
 
 
 def study_distiller(method, model, transforms, inversion, column, cfg_, total_steps):
-    """The distiller of one method (any of diffsolve.distill.DISTILLERS) with the study's options."""
+    """The distiller of one method (any of diffsolve.distill.DISTILLERS) with the study's options; the study's
+    "sdi" row is the variant `cfg_.sdi_variant` names."""
     if method not in DISTILLERS:
         raise ValueError(f"method must be one of {tuple(DISTILLERS)}, got {method!r}")
+    if method == "sdi":
+        method = SDI_VARIANTS[cfg_.sdi_variant]
     return make_distiller(method, model, **distiller_options(method, model, transforms, inversion, column, cfg_,
                                                              total_steps))
 
@@ -139,11 +160,23 @@ def optimise(method, model, transforms, inversion, column, x0, cfg_, generator, 
     return x.detach(), distiller.nfe * per_point / steps, log
 
 
-def ddim_samples(model, transforms, n, cfg_, generator):
+def ddim_samples(model, transforms, n, cfg_, generator, return_start=False):
+    """n DDIM samples and the model calls per sample (and the starting noise with return_start)."""
     sigmas = sigmas_karras(cfg_.chain_steps, cfg_.sigma_min, cfg_.sigma_max)
     x0 = cfg_.sigma_max * torch.randn(n, 2, generator=generator)
     x, info = sample_ddim(model, x0, sigmas, transforms=transforms, disable=True, return_info=True)
-    return x, info.nfe
+    return (x, info.nfe, x0) if return_start else (x, info.nfe)
+
+
+def mode_distance(points, ds, chunk=2048):
+    """Mean distance of the points to the nearest mode (mixture component mean) of the data density."""
+    means = ds["density"].means.to(torch.float64)
+    pts = points.to(torch.float64)
+    pts = pts[torch.isfinite(pts).all(1)]
+    if not len(pts):
+        return float("inf")
+    return float(torch.cat([torch.cdist(pts[i:i + chunk], means).min(1).values
+                            for i in range(0, len(pts), chunk)]).mean())
 
 
 def evaluate(points, ds):
@@ -184,7 +217,7 @@ def efficiency_points(method, model, transforms, inversion, column, cfg_, oracle
     if isinstance(distiller, MSD):
         distiller.n_samples, distiller.bandwidth = 1, cfg_.lam0  # single draws at the initial bandwidth
     draws = distiller.grad(points.repeat_interleave(k, 0), g).reshape(points.shape[0], k, -1).transpose(0, 1)
-    cost = distiller.last_nfe / k
+    cost = distiller.last_nfe  # model calls per row of the batch = per single estimate
     own = metrics.estimator_efficiency(draws.double(), cost)
     ref = metrics.estimator_efficiency(draws.double(), cost, reference=oracle.double())
     keep = ("log_mean_efficiency", "mean_log_efficiency", "deterministic_points", "deterministic")
