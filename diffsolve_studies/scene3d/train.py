@@ -21,11 +21,11 @@ from .model import NULL_CLASS, RenderClassifier, ViewDenoiser, azimuth_bin
 __all__ = ["PRIOR", "WEAK_PRIOR", "CLASSIFIER", "DATA", "QUICK", "cached_renders", "load_models", "train_prior",
            "train_classifier"]
 
-DATA = dict(views_per_class=1024, seed=0)
-PRIOR = dict(channels=(16, 32, 64), emb=128, iterations=6000, batch=48, lr=2e-3, ema=0.999, p_mean=-1.2, p_std=1.2,
+DATA = dict(views_per_class=512, seed=0)
+PRIOR = dict(channels=(16, 32, 64), emb=128, iterations=4000, batch=32, lr=2e-3, ema=0.999, p_mean=-1.2, p_std=1.2,
              label_dropout=0.1, seed=0, sigma_data=0.5)
-WEAK_PRIOR = dict(PRIOR, channels=(8, 16, 32), iterations=800)
-CLASSIFIER = dict(width=16, feature_dim=32, iterations=1500, batch=64, lr=2e-3, noise_max=0.1, seed=0)
+WEAK_PRIOR = dict(PRIOR, channels=(8, 16, 32), iterations=600)
+CLASSIFIER = dict(width=16, feature_dim=32, iterations=1000, batch=64, lr=2e-3, noise_max=0.1, seed=0)
 QUICK = {"data": dict(views_per_class=16, seed=0), "prior": dict(PRIOR, channels=(8, 8, 8), iterations=4, batch=8),
          "weak": dict(PRIOR, channels=(8, 8, 8), iterations=2, batch=8),
          "classifier": dict(CLASSIFIER, width=8, iterations=4, batch=8)}
