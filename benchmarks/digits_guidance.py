@@ -25,10 +25,11 @@ Settings (METHODS; w is the study's convention c + w (c - u)):
 APG's momentum and CFG-Zero*'s counter live in the run: for SDS a run is one gradient (one evaluation), so APG
 acts there without momentum; along MSD's chain and DDIM's steps both act as in a sampler.
 
-    python benchmarks/digits_guidance.py          # -> benchmarks/results/digits_guidance.json, .md (about 15 min)
+    python benchmarks/digits_guidance.py          # -> benchmarks/results/digits_guidance.json, .md (resumes)
     python benchmarks/digits_guidance.py --quick --out /tmp/g.json --cache /tmp/cache   # tiny models, seconds
 """
 import argparse
+import json
 import math
 import sys
 import time
@@ -124,19 +125,16 @@ def study_run(method, scale, group, dist, param, cfg_):
                      label=f"{method}" + (f"_lambda{scale:g}" if method == "cfg_pp" else ""))
 
 
-def plan(quick=False):
-    """Every (kind, method, scale, group, distiller, param): DDIM for every method and scale; SDS and MSD on pixels
-    at both scales, on the MLP at the main scale (CFG++: MSD only). `quick`: the main scale only."""
-    groups = [0] if quick else None
-    out = [("ddim", m, s, g, None, None) for m, s, g in grid(groups)]
-    for m, s, g in grid(groups):
-        for dist in DISTILLERS:
-            if m == "cfg_pp" and dist == "sds":
-                continue
-            for param in ("pixels", "mlp"):
-                if param == "mlp" and g != 0:
-                    continue
-                out.append(("distill", m, s, g, dist, param))
+def plan(quick=False, mlp=False):
+    """Every (kind, method, scale, group, distiller, param), the main scale first: DDIM for every method and scale,
+    SDS and MSD on pixels (CFG++: MSD only); `mlp`: also on the coordinate MLP at the main scale. `quick`: the main
+    scale only."""
+    out = []
+    for g in [0] if quick else range(len(SCALES)):
+        out += [("ddim", m, s, g, None, None) for m, s, _ in grid([g])]
+        for param in ("pixels", "mlp") if mlp and g == 0 else ("pixels",):
+            out += [("distill", m, s, g, dist, param) for m, s, _ in grid([g]) for dist in DISTILLERS
+                    if not (m == "cfg_pp" and dist == "sds")]
     return out
 
 
@@ -145,17 +143,23 @@ def key(kind, method, scale, group, dist, param):
     return f"ddim/{name}" if kind == "ddim" else f"{dist}/{param}/{name}"
 
 
-def run(out, quick=False, cache=None, progress=False):
+def run(out, quick=False, cache=None, progress=False, mlp=False):
     t0 = time.perf_counter()
     cfg_ = study.quick_config() if quick else study.DigitsConfig()
     training = TINY_TRAINING if quick else FULL_TRAINING
     _, models, ref = load_testbed(training, cache_dir=None if cache is None else Path(cache), progress=progress)
     labels = study.labels_for(cfg_)
     results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg_).items()},
-               "quick": quick, "settings": settings(), "scales_w": list(SCALES), "lambdas": list(LAMBDAS),
-               "runs": {}}
-    for kind, method, scale, group, dist, param in plan(quick):
+               "quick": quick, "mlp": mlp, "settings": settings(), "scales_w": list(SCALES),
+               "lambdas": list(LAMBDAS), "runs": {}}
+    previous = json.loads(out.read_text()) if out.exists() else None
+    same = previous is not None and all(previous.get(k) == results[k] for k in ("config", "quick", "settings"))
+    done = previous["runs"] if same else {}  # resume: runs of the same settings are kept
+    for kind, method, scale, group, dist, param in plan(quick, mlp):
         k = key(kind, method, scale, group, dist, param)
+        if k in done:
+            results["runs"][k] = done[k]
+            continue
         start = time.perf_counter()
         if kind == "ddim":
             x, nfe = ddim(method, scale, models, cfg_)
@@ -168,6 +172,7 @@ def run(out, quick=False, cache=None, progress=False):
         rec.update(kind=kind, method=method, scale=scale, group=group, distiller=dist, param=param,
                    seconds=time.perf_counter() - start)
         results["runs"][k] = rec
+        write_json_atomic(out, results)  # after every run: an interrupted run keeps what it finished
         if progress:
             print(f"{k}: FD {rec['final']['fd']:.1f} ({rec['seconds']:.0f} s)", flush=True)
     results["ranking"] = ranking(results)
@@ -262,12 +267,13 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/digits_guidance.json; --quick: "
                    "outputs/digits_guidance_quick.json); the markdown tables go beside it (.md)")
     p.add_argument("--cache", default=None, help="model cache (default: $DIFFSOLVE_CACHE or ~/.cache/diffsolve)")
+    p.add_argument("--mlp", action="store_true", help="also distil into the coordinate MLP at the main scale")
     p.add_argument("--progress", action="store_true", help="print each run as it finishes")
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else (Path("outputs/digits_guidance_quick.json") if a.quick
                                      else RESULTS / "digits_guidance.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = run(out, a.quick, a.cache, a.progress)
+    results = run(out, a.quick, a.cache, a.progress, a.mlp)
     md = markdown(results)
     out.with_suffix(".md").write_text(md)
     print(md)
