@@ -67,30 +67,29 @@ class SDI(NoisyDistiller):
         return (sigma.to(torch.float64).log() - torch.log(torch.tensor(hi))) / (
             torch.log(torch.tensor(lo)) - torch.log(torch.tensor(hi)))
 
-    def _grad(self, x, call, step=None):
-        sigma_t = self.sigma_t(step)
+    def _kappa(self, x, call, sigma_t):
+        """kappa: DDIM inversion of x to sigma(u_t - tau), tau ~ U(0, tau_max), plus eta_noise xi."""
         u_t = float(self._u_of(torch.tensor(sigma_t)))
         tau = call.draws.rand(x.shape[0]) * self.tau_max
-        u_target = (u_t - tau).clamp(min=0.0)
-        target = sigma_from_uniform(u_target, self.sigma_min, self.sigma_max, self.sigma_sampling,
+        target = sigma_from_uniform((u_t - tau).clamp(min=0.0), self.sigma_min, self.sigma_max, self.sigma_sampling,
                                     self.rho).to(device=x.device, dtype=x.dtype)
         kappa = (self.invert(x, target, call) - x) / append_dims(target, x.ndim)
         if self.eta_noise > 0:
             kappa = kappa + self.eta_noise * call.draws.randn(x)
-        sigma = torch.full((x.shape[0],), sigma_t, dtype=x.dtype, device=x.device)
-        z = x + sigma_t * kappa
-        eps = (z - call.denoiser()(z, sigma, **call.extra_args).to(x.dtype)) / sigma_t
-        return self.weighted(sigma, eps - kappa)
+        return kappa
 
     def kappa(self, x, generator=None, *, seed=None):
         """The noise kappa of one gradient call at the current step (not counted into `nfe`)."""
         from .base import Call, Draws
-        call = Call(self, x, Draws(generator, seed), None, None)
-        sigma_t = self.sigma_t()
-        tau = call.draws.rand(x.shape[0]) * self.tau_max
-        target = sigma_from_uniform((float(self._u_of(torch.tensor(sigma_t))) - tau).clamp(min=0.0), self.sigma_min,
-                                    self.sigma_max, self.sigma_sampling, self.rho).to(device=x.device, dtype=x.dtype)
-        return (self.invert(x, target, call) - x) / append_dims(target, x.ndim)
+        return self._kappa(x, Call(self, x, Draws(generator, seed), None, None), self.sigma_t())
+
+    def _grad(self, x, call, step=None):
+        sigma_t = self.sigma_t(step)
+        kappa = self._kappa(x, call, sigma_t)
+        sigma = torch.full((x.shape[0],), sigma_t, dtype=x.dtype, device=x.device)
+        z = x + sigma_t * kappa
+        eps = (z - call.denoiser()(z, sigma, **call.extra_args).to(x.dtype)) / sigma_t
+        return self.weighted(sigma, eps - kappa)
 
 
 def sd_alphas_cumprod(beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000):
