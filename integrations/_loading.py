@@ -100,4 +100,13 @@ class StandInTokenizer:
             ids = [2 + sum(ord(c) * 31 ** k for k, c in enumerate(w)) % (self.vocab_size - 2) for w in p.split()]
             ids = (ids + [1])[:length]
             rows.append(ids + [0] * (length - len(ids)))
-        return {"input_ids": torch.tensor(rows, dtype=torch.long)}
+        from transformers import BatchEncoding  # both out["input_ids"] and out.input_ids, as a real tokenizer's
+        return BatchEncoding({"input_ids": torch.tensor(rows, dtype=torch.long)})
+
+    added_tokens_encoder = {}  # no textual-inversion tokens (diffusers' pipelines look them up)
+
+    def tokenize(self, prompt):
+        return prompt.split()
+
+    def batch_decode(self, ids, **kw):
+        return [" ".join(str(int(i)) for i in row) for row in ids]
