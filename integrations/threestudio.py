@@ -16,30 +16,50 @@ Randomness: call k (k = 0, 1, ...) since the last `update_step` draws from a CPU
 Precision and devices: the distiller works in float32 and each UNet call casts to the UNet's dtype
 (`SDDenoiser(cast=True)`), so a float32 render drives a float16 UNet as in threestudio; rgb / latents and
 the prompt embeddings must sit on the UNet's device (a ValueError naming both otherwise, before any work).
+
+Two loss forms (`parity=`): "diffsolve" (the default above, used by the text-to-2D runner) and
+"threestudio", which follows threestudio's guidances file by file (threestudio-project/threestudio,
+stored versions of threestudio/models/guidance/stable_diffusion_guidance.py, _vsd_guidance.py,
+_sdi_guidance.py): per-method keys (SDS and SJC `loss_sds`, VSD `loss_vsd` + `loss_lora`, SDI
+`loss_sdi`; the others `loss_<method>`), SDI's `0.5 mse(latents, x0_target, "mean") / B`, integer
+timesteps t ~ U{min_step..max_step} (`timestep_sampling=`; our sigma grids stay available), rgb resized
+to `image_size` (512) before the VAE and latents to `latent_size` (64), threestudio's weighting names,
+each method's CFG convention (SDS / SDI / SJC: c + w (c - u); VSD, ISM, CSD, NFSD: u + s (c - u)), SDI's
+t annealed from max to min step (`t_anneal`), and VSD's LoRA trained through the returned `loss_lora`.
+Options, C() and timestep draws live in integrations/threestudio_config.py.
 """
+import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 
-from diffsolve.distill import make_distiller, should_stop
+from diffsolve.distill import DISTILLERS, make_distiller, should_stop
 from diffsolve.transforms import cfg, limited_interval
 
 from .diffusers import SDComponents, SDDenoiser, check_on_unet, vae_encode
+from .threestudio_config import C, TIMESTEP_SAMPLINGS, WEIGHTINGS, integer_timestep_class, weighting as ts_weighting
 
 METHODS = ("msd", "sds", "vsd", "sdi")
+THREESTUDIO_METHODS = METHODS + ("sjc", "ism", "csd", "nfsd")
 NONFINITE = ("raise", "nan_to_num")
+PARITIES = ("diffsolve", "threestudio")
+LOSS_KEYS = {"sds": "loss_sds", "sjc": "loss_sds", "vsd": "loss_vsd", "sdi": "loss_sdi", "msd": "loss_msd",
+             "ism": "loss_ism", "csd": "loss_csd", "nfsd": "loss_nfsd"}
+CONVENTIONS = {"sds": "paper", "sjc": "paper", "sdi": "paper", "msd": "paper", "vsd": "diffusers",
+               "ism": "diffusers", "csd": "diffusers", "nfsd": "diffusers"}
 
 
-def C(value, global_step):
-    """threestudio's scheduled scalar: a number, or [start_step, start_value, end_value, end_step] (linear)."""
-    if isinstance(value, (int, float)):
-        return value
-    if len(value) != 4:
-        raise ValueError(f"a scheduled value is a number or [start_step, start, end, end_step], got {value!r}")
-    start_step, start, end, end_step = value
-    frac = min(max((global_step - start_step) / max(end_step - start_step, 1), 0.0), 1.0)
-    return start + (end - start) * frac
+def _split_components(components):
+    if isinstance(components, SDComponents):
+        return components.unet, components.vae, components.scheduler
+    parts = list(components)
+    sched = [p for p in parts if hasattr(p, "alphas_cumprod")]
+    vae = [p for p in parts if hasattr(p, "encode") and p not in sched]
+    unet = [p for p in parts if p not in sched and p not in vae]
+    if len(parts) != 3 or not (len(sched) == len(vae) == len(unet) == 1):
+        raise ValueError("components must be SDComponents or a (unet, vae, scheduler) tuple in any order")
+    return unet[0], vae[0], sched[0]
 
 
 def _split_components(components):
@@ -58,32 +78,59 @@ class DistillationGuidance(torch.nn.Module):
     """A diffsolve distiller as a threestudio guidance. `bandwidth_start` / `bandwidth_end` (MSD): lambda
     decays log-linearly from start to end over `trainer_max_steps` (default the paper's 1e3 -> 1e-2, the
     paper leaves the form unspecified). `grad_clip`, `min_step_percent`, `max_step_percent` accept
-    threestudio's [start_step, start, end, end_step] schedules. `distiller_kwargs` go to the distiller
-    (e.g. MSD `steps=`, `sampler=`; VSD `variational=`, `variational_update=`; SDI `n_inversion=`).
-    VSD without `variational=` uses the frozen text-conditioned model (zero-initialised LoRA at step 0).
+    threestudio's schedules (C(): numbers, 3- / 4- / multi-segment lists, float end steps in epochs).
+    `distiller_kwargs` go to the distiller (e.g. MSD `steps=`, `sampler=`; VSD `variational=`,
+    `variational_update=`; SDI `n_inversion=`; NFSD `negative=`).
+    VSD without `variational=`: with parity "threestudio" and a UNet, a LoRA copy of the UNet
+    (integrations/lora.py) trained through the returned `loss_lora` (`lora_n_timestamp_samples` noisy
+    copies per particle), with its own CFG scale `guidance_scale_lora` (u + s (c - u) over the LoRA's
+    text condition and the null embedding); otherwise the frozen text-conditioned model.
     The paper's §4.3 heuristics: `guidance_interval=(sigma_lo, sigma_hi)` applies CFG only there (any
     method); for MSD pass `kernel_interval=(lo, hi)` and `center="inverted"` (or "noised") through
     `distiller_kwargs`. §4.5's termination: `converged` is True once MSD's lambda is below
     `terminate_below` (the paper's lambda_1 = 1e-2); it never fires for the other methods.
     Non-finite gradients: `nonfinite="raise"` (default) lets the distiller's error through (it names the
     distiller, the sigma and the step); `nonfinite="nan_to_num"` is threestudio's behaviour (NaN -> 0,
-    inf -> the largest float), and every call where it replaced something is counted in `nonfinite_calls`."""
+    inf -> the largest float), and every call where it replaced something is counted in `nonfinite_calls`.
+    Any denoiser with SDDenoiser's interface D(x, sigma, encoder_hidden_states=...) can stand in for the
+    UNet: pass `denoiser=` with `scheduler=` (its `alphas_cumprod`) and, for the RGB path, `vae=`."""
 
-    def __init__(self, components, method="msd", guidance_scale=7.5, min_step_percent=0.02,
+    def __init__(self, components=None, method="msd", guidance_scale=7.5, min_step_percent=0.02,
                  max_step_percent=0.98, bandwidth_start=1e3, bandwidth_end=1e-2, trainer_max_steps=10000,
                  grad_clip=None, weighting="sds", seed=0, view_dependent_prompting=True, guidance_interval=None,
-                 terminate_below=1e-2, nonfinite="raise", **distiller_kwargs):
+                 terminate_below=1e-2, nonfinite="raise", *, parity="diffsolve", denoiser=None, vae=None,
+                 scheduler=None, timestep_sampling=None, image_size=512, latent_size=64, t_anneal=True,
+                 guidance_scale_lora=1.0, lora_n_timestamp_samples=1, lora_rank=4, **distiller_kwargs):
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if parity not in PARITIES:
+            raise ValueError(f"parity must be one of {PARITIES}, got {parity!r}")
+        methods = THREESTUDIO_METHODS if parity == "threestudio" else METHODS
+        if method not in methods:
+            raise ValueError(f"method must be one of {methods}, got {method!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        self.nonfinite, self.nonfinite_calls = nonfinite, 0
+        self.nonfinite, self.nonfinite_calls, self.parity = nonfinite, 0, parity
         if not (0 < bandwidth_end <= bandwidth_start):
             raise ValueError(f"need 0 < bandwidth_end <= bandwidth_start, got {bandwidth_end}, {bandwidth_start}")
-        self.unet, self.vae, self.scheduler = _split_components(components)
-        for p in list(self.unet.parameters()) + list(self.vae.parameters()):
-            p.requires_grad_(False)
+        sampling = timestep_sampling or ("timesteps" if parity == "threestudio" else "karras")
+        if sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
+        if parity == "diffsolve" and sampling == "timesteps":
+            raise ValueError("timestep_sampling='timesteps' needs parity='threestudio'")
+        for name, v in (("image_size", image_size), ("latent_size", latent_size)):
+            if v is not None and (int(v) != v or v < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {v!r}")
+        if int(lora_n_timestamp_samples) != lora_n_timestamp_samples or lora_n_timestamp_samples < 1:
+            raise ValueError(f"lora_n_timestamp_samples must be a positive integer, got {lora_n_timestamp_samples!r}")
+        if denoiser is None:
+            self.unet, self.vae, self.scheduler = _split_components(components)
+            for p in list(self.unet.parameters()) + list(self.vae.parameters()):
+                p.requires_grad_(False)
+            self.denoiser = SDDenoiser(unet=self.unet, scheduler=self.scheduler, cast=True)
+        else:
+            if components is not None or scheduler is None:
+                raise ValueError("give components, or denoiser= with scheduler= (not both)")
+            self.unet, self.vae, self.scheduler, self.denoiser = None, vae, scheduler, denoiser
         self.method, self.guidance_scale, self.seed = method, guidance_scale, int(seed)
         self.min_step_percent, self.max_step_percent = min_step_percent, max_step_percent
         self.bandwidth_start, self.bandwidth_end = float(bandwidth_start), float(bandwidth_end)
@@ -94,18 +141,65 @@ class DistillationGuidance(torch.nn.Module):
                 raise ValueError(f"guidance_interval must be (sigma_lo, sigma_hi) with 0 <= lo < hi, got {guidance_interval}")
         self.guidance_interval, self.terminate_below = guidance_interval, float(terminate_below)
         self.view_dependent_prompting = view_dependent_prompting
-        self.denoiser = SDDenoiser(unet=self.unet, scheduler=self.scheduler, cast=True)
-        self.num_train_timesteps = len(self.scheduler.alphas_cumprod)
-        self.global_step, self._calls, self.last_seed, self._cond = 0, 0, None, None
-        self._set_steps(0)
+        self.timestep_sampling, self.image_size, self.latent_size = sampling, image_size, latent_size
+        self.t_anneal, self.guidance_scale_lora = bool(t_anneal), float(guidance_scale_lora)
+        self.lora_n_timestamp_samples = int(lora_n_timestamp_samples)
+        acp = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64)
+        self.num_train_timesteps, self.sigmas = len(acp), ((1 - acp) / acp).sqrt()
+        self.global_step, self._calls, self.last_seed, self._cond, self.last_t = 0, 0, None, None, None
+        self._set_steps(0, 0)
+        self.lora, self._grid = None, None
+        self.distiller = self._build(method, weighting, lora_rank, distiller_kwargs)
+
+    def _build(self, method, weighting, lora_rank, distiller_kwargs):
         smin, smax = self.sigma_of(self.min_step), self.sigma_of(self.max_step)
-        noisy = dict(sigma_min=smin, sigma_max=smax, weighting=weighting)
+        threestudio = self.parity == "threestudio"
+        if threestudio and not callable(weighting):
+            weighting = ts_weighting(weighting)
+        noisy = dict(sigma_min=smin, sigma_max=max(smax, smin * (1 + 1e-6)), weighting=weighting)
+        if threestudio and self.timestep_sampling != "timesteps":
+            noisy["sigma_sampling"] = self.timestep_sampling
         options = {"msd": dict(bandwidth=self.bandwidth(0), sigma_min=smin, sigma_max=smax,
                                schedule=lambda step, m_norm: self.bandwidth(step)),
-                   "sds": noisy,
+                   "sds": noisy, "csd": noisy, "nfsd": noisy,
+                   "sjc": dict(weighting="uniform" if threestudio else weighting),
+                   "ism": {},
                    "sdi": dict(noisy, total_steps=self.trainer_max_steps, t_range=(0.0, 1.0)),
                    "vsd": dict(noisy, variational=lambda z, sigma: self.denoiser(z, sigma, encoder_hidden_states=self._cond))}
-        self.distiller = make_distiller(method, self.denoiser, **{**options[method], **distiller_kwargs})
+        options = {**options[method], **distiller_kwargs}
+        if threestudio and method == "sdi":
+            options["weighting"] = lambda sigma: sigma  # grad = x - D: threestudio's SDI loss is against D
+            # the inversion runs from the range's low end; the annealed t itself comes from the grid (t_min)
+            top = self.max_step_percent if isinstance(self.max_step_percent, (int, float)) else self.max_step_percent[1]
+            low = int(self.num_train_timesteps * C(self.min_step_percent, 0, 0))
+            options.update(sigma_min=self.sigma_of(low), sigma_max=self.sigma_of(int(self.num_train_timesteps * top)))
+        if threestudio and method == "vsd" and "variational" not in distiller_kwargs and self.unet is not None:
+            from .lora import LoRAVariational
+            self.lora = LoRAVariational(self.unet, self.scheduler, rank=lora_rank, seed=self.seed)
+            self.unet_lora = self.lora.unet  # a submodule: the system's optimiser sees the LoRA parameters
+            options["variational"] = self._lora_guided
+        if not threestudio or method == "msd":
+            return make_distiller(method, self.denoiser, **options)
+        from diffsolve.distill.sjc import TimestepGrid
+        grid = self._grid = TimestepGrid(self.sigmas, self.min_step, self.max_step)
+        if method in ("sjc", "ism"):
+            return DISTILLERS[method](self.denoiser, grid=grid, **options)
+        cls = integer_timestep_class(DISTILLERS[method]) if self.timestep_sampling == "timesteps" else DISTILLERS[method]
+        d = cls(self.denoiser, options.pop("variational", None), **options) if method == "vsd" else cls(self.denoiser, **options)
+        if self.timestep_sampling == "timesteps":
+            d.grid = grid
+        else:
+            self._grid = None
+        return d
+
+    def _lora_guided(self, z, sigma):
+        """VSD's variational prediction: the LoRA UNet with CFG of scale guidance_scale_lora (u + s (c - u))."""
+        den = self.lora.denoiser.inner
+        d_c = den(z, sigma, encoder_hidden_states=self._cond)
+        if self.guidance_scale_lora == 1.0:
+            return d_c
+        d_u = den(z, sigma, encoder_hidden_states=self._uncond)
+        return d_u + self.guidance_scale_lora * (d_c - d_u)
 
     @property
     def converged(self):
@@ -114,8 +208,7 @@ class DistillationGuidance(torch.nn.Module):
 
     def sigma_of(self, t):
         """VE sigma of training timestep t: sqrt((1 - abar_t) / abar_t)."""
-        abar = float(self.scheduler.alphas_cumprod[int(t)])
-        return math.sqrt((1 - abar) / abar)
+        return float(self.sigmas[int(t)])
 
     def bandwidth(self, global_step):
         """MSD's lambda at a step: log-linear from bandwidth_start to bandwidth_end over trainer_max_steps."""
@@ -123,22 +216,34 @@ class DistillationGuidance(torch.nn.Module):
         lo, hi = math.log(self.bandwidth_end), math.log(self.bandwidth_start)
         return math.exp(hi + frac * (lo - hi))
 
-    def _set_steps(self, global_step):
+    def _set_steps(self, epoch, global_step):
         T = self.num_train_timesteps
-        self.min_step = int(T * C(self.min_step_percent, global_step))
-        self.max_step = int(T * C(self.max_step_percent, global_step))
-        if not 0 < self.min_step < self.max_step < T:
-            raise ValueError(f"need 0 < min_step < max_step < {T}, got {self.min_step}, {self.max_step}")
+        lo, hi = C(self.min_step_percent, epoch, global_step), C(self.max_step_percent, epoch, global_step)
+        if self.parity == "threestudio" and self.method == "sdi" and self.t_anneal:
+            # threestudio's SDI: one t, annealed linearly from max_step_percent to min_step_percent
+            top = self.max_step_percent if isinstance(self.max_step_percent, (int, float)) else self.max_step_percent[1]
+            frac = float(global_step) / self.trainer_max_steps
+            lo = hi = (top - lo) * (1 - frac) + lo
+        self.min_step, self.max_step = int(T * lo), int(T * hi)
+        ordered = self.min_step <= self.max_step if self.parity == "threestudio" else self.min_step < self.max_step
+        if not (0 < self.min_step and ordered and self.max_step < T):
+            raise ValueError(f"need 0 < min_step <= max_step < {T}, got {self.min_step}, {self.max_step}")
 
     def update_step(self, epoch, global_step, on_load_weights=False):
         self.global_step, self._calls = int(global_step), 0
-        self._set_steps(global_step)
+        self._set_steps(epoch, global_step)
         d = self.distiller
-        if self.method != "msd":  # MSD's sigma_max is its chain start and stays put; the others follow the t range
-            d.sigma_min, d.sigma_max = self.sigma_of(self.min_step), self.sigma_of(self.max_step)
+        sdi_range = self.parity == "threestudio" and self.method == "sdi"  # SDI's inversion range stays put
+        if self.method != "msd" and not sdi_range:  # MSD's sigma_max is its chain start and stays put
+            d.sigma_min = self.sigma_of(self.min_step)
+            d.sigma_max = max(self.sigma_of(self.max_step), d.sigma_min * (1 + 1e-6))
+        if self.method != "msd" and self._grid is not None:
+            self._grid.set_range(self.min_step, self.max_step)
         d.on_step(self.global_step)  # MSD's bandwidth schedule, SDI's annealing (VSD refits after its gradient)
 
     def _embeddings(self, prompt_utils, elevation, azimuth, camera_distances, batch):
+        if hasattr(prompt_utils, "use_perp_neg") and prompt_utils.use_perp_neg:  # threestudio's PromptProcessorOutput
+            raise ValueError(perp_neg_unavailable())
         if hasattr(prompt_utils, "get_text_embeddings"):
             emb = prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances, self.view_dependent_prompting)
             cond, uncond = emb.chunk(2)  # threestudio's order: cond first, then uncond
@@ -153,8 +258,10 @@ class DistillationGuidance(torch.nn.Module):
 
     def call_conditions(self, cond, uncond):
         """The distiller's per-call arguments for prompt embeddings (cond, uncond): the text condition and the
-        guidance (paper convention, limited to `guidance_interval` when given), both in float32."""
-        guidance = cfg(self.guidance_scale, uncond={"encoder_hidden_states": uncond.float()}, convention="paper")
+        guidance (limited to `guidance_interval` when given), both in float32. Parity "diffsolve": the paper's
+        convention for every method; "threestudio": each method's own (see CONVENTIONS)."""
+        convention = CONVENTIONS[self.method] if self.parity == "threestudio" else "paper"
+        guidance = cfg(self.guidance_scale, uncond={"encoder_hidden_states": uncond.float()}, convention=convention)
         if self.guidance_interval is not None:
             guidance = limited_interval(guidance, *self.guidance_interval)
         return {"extra_args": {"encoder_hidden_states": cond.float()}, "transforms": [guidance]}
@@ -168,27 +275,65 @@ class DistillationGuidance(torch.nn.Module):
             grad = torch.nan_to_num(grad)
         return grad
 
+    def _latents(self, rgb, rgb_as_latents):
+        """threestudio's resizing: latents to latent_size (SDI: none), rgb to image_size before the VAE."""
+        x = rgb.permute(0, 3, 1, 2)
+        resize = self.parity == "threestudio"
+        if rgb_as_latents:
+            if resize and self.latent_size is not None and self.method != "sdi":
+                x = F.interpolate(x, (self.latent_size, self.latent_size), mode="bilinear", align_corners=False)
+            return x
+        if self.vae is None:
+            raise ValueError("this guidance has no VAE: pass latents with rgb_as_latents=True, or give vae=")
+        if resize and self.image_size is not None:
+            x = F.interpolate(x, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return vae_encode(self.vae, x, generator=torch.Generator().manual_seed(self.last_seed + 1))
+
     def __call__(self, rgb, prompt_utils, elevation=None, azimuth=None, camera_distances=None,
                  rgb_as_latents=False, guidance_eval=False, **kw):
+        if guidance_eval:
+            raise ValueError("guidance_eval=True (threestudio's evaluation images) is not supported by this guidance")
         B = rgb.shape[0]
         cond, uncond = self._embeddings(prompt_utils, elevation, azimuth, camera_distances, B)
-        for name, t in (("latents" if rgb_as_latents else "rgb", rgb), ("prompt embeddings (cond)", cond),
-                        ("prompt embeddings (uncond)", uncond)):
-            check_on_unet(t, name, self.unet, dtype=False)  # before any work; dtypes are cast below
+        if self.unet is not None:
+            for name, t in (("latents" if rgb_as_latents else "rgb", rgb), ("prompt embeddings (cond)", cond),
+                            ("prompt embeddings (uncond)", uncond)):
+                check_on_unet(t, name, self.unet, dtype=False)  # before any work; dtypes are cast below
         generator = self._generator()
-        if rgb_as_latents:
-            latents = rgb.permute(0, 3, 1, 2)
-        else:
-            vae_gen = torch.Generator().manual_seed(self.last_seed + 1)
-            latents = vae_encode(self.vae, rgb.permute(0, 3, 1, 2), generator=vae_gen)
-        self._cond = cond.float()  # the distiller's working dtype; the UNet call casts (cast=True)
+        latents = self._latents(rgb, rgb_as_latents)
+        self._cond, self._uncond = cond.float(), uncond.float()  # the distiller's working dtype
         d = self.distiller
         grad = self._grad(latents.detach().float(), generator, **self.call_conditions(cond, uncond)).to(latents.dtype)
+        self.last_t = d.last_t if self._grid is not None else None  # the integer timesteps drawn
         if self.grad_clip is not None:
-            clip = C(self.grad_clip, self.global_step)
+            clip = C(self.grad_clip, 0, self.global_step)
             grad = grad.clamp(-clip, clip)
         if self.method == "vsd" and d.variational_update is not None:
             d.update(latents.detach().float(), generator)
         target = (latents - grad).detach()
-        loss_sds = 0.5 * F.mse_loss(latents, target, reduction="sum") / B
-        return {"loss_sds": loss_sds, "grad_norm": grad.norm(), "min_step": self.min_step, "max_step": self.max_step}
+        out = {"grad_norm": grad.norm(), "min_step": self.min_step, "max_step": self.max_step}
+        if self.parity == "diffsolve":
+            return {"loss_sds": 0.5 * F.mse_loss(latents, target, reduction="sum") / B, **out}
+        if self.method == "sdi":  # threestudio's SDI: target = x0 estimate, mean reduction, then / B
+            return {"loss_sdi": 0.5 * F.mse_loss(latents, target, reduction="mean") / B, **out}
+        out[LOSS_KEYS[self.method]] = 0.5 * F.mse_loss(latents, target, reduction="sum") / B
+        if self.method == "vsd":
+            out["loss_lora"] = self.lora_loss(latents, generator)
+        return out
+
+    def lora_loss(self, latents, generator):
+        """threestudio's `train_lora`: the LoRA's denoising MSE on lora_n_timestamp_samples noisy copies of the
+        detached latents (t ~ U{0..T-1}), differentiable in the LoRA parameters; 0 without a LoRA."""
+        if self.lora is None:
+            return latents.new_zeros(())
+        n = self.lora_n_timestamp_samples
+        self.lora.encoder_hidden_states = self._cond.repeat(n, *([1] * (self._cond.ndim - 1)))
+        return self.lora.loss(latents.detach().float().repeat(n, 1, 1, 1), generator)
+
+
+def perp_neg_unavailable():
+    """The message for prompt_utils.use_perp_neg: which module the Perp-Neg transform comes from."""
+    has = importlib.util.find_spec("diffsolve.guidance") is not None
+    return ("prompt_utils.use_perp_neg is set, but Perp-Neg needs a Perp-Neg transform from diffsolve.guidance"
+            + (", which has none in this installation" if has else ", which this installation lacks")
+            + "; set prompt_processor.use_perp_neg: false")

@@ -112,7 +112,7 @@ def test_update_step_schedules(parts, prompts):
     assert sds.min_step == 500
     sds.update_step(0, 100)
     assert sds.min_step == 20 and sds.distiller.sigma_min == pytest.approx(sds.sigma_of(20))
-    assert C([0, 2.0, 8.0, 10], 5) == pytest.approx(5.0)
+    assert C([0, 2.0, 8.0, 10], 0, 5) == pytest.approx(5.0)
 
 
 def test_grad_clip_bounds_the_gradient(parts, prompts):

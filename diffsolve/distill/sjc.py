@@ -92,10 +92,11 @@ class SJC(NoisyDistiller):
         super().__init__(model, sigma_min=float(grid.sigma(grid.t_min)),
                          sigma_max=max(float(grid.sigma(grid.t_max)), float(grid.sigma(grid.t_min)) * (1 + 1e-6)),
                          **kw)
-        self.grid, self.var_red = grid, bool(var_red)
+        self.grid, self.var_red, self.last_t = grid, bool(var_red), None
 
     def draw_sigma(self, x, call):
         t, sigma = self.grid.draw(call.draws, x.shape[0], x.device)
+        self.last_t = t
         return sigma.to(x.dtype)
 
     def _grad(self, x, call):

@@ -1,0 +1,1 @@
+from . import diffsolve_guidance  # noqa: F401
