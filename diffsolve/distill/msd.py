@@ -155,7 +155,7 @@ class MSD(Distiller):
         draws = call.draws.repeated(n)
         if self.sampler == "posterior":
             top = min(s, self.sigma_max)
-            sigmas = sigmas_karras(self.steps, self.sigma_min, top) if top > self.sigma_min \
+            sigmas = sigmas_karras(self.steps, self.sigma_min, top, self.rho) if top > self.sigma_min \
                 else torch.tensor([top, 0.0], dtype=torch.float64)
             y, run = sample(self.solver, call.checked(self.model), xs.clone(), sigmas, call.extra(n), disable=True,
                             transforms=call.transforms, noise_sampler=draws.noise_sampler(xs), return_info=True,
