@@ -81,10 +81,11 @@ class DistillationGuidance(torch.nn.Module):
     threestudio's schedules (C(): numbers, 3- / 4- / multi-segment lists, float end steps in epochs).
     `distiller_kwargs` go to the distiller (e.g. MSD `steps=`, `sampler=`; VSD `variational=`,
     `variational_update=`; SDI `n_inversion=`; NFSD `negative=`).
-    VSD without `variational=`: with parity "threestudio" and a UNet, a LoRA copy of the UNet
-    (integrations/lora.py) trained through the returned `loss_lora` (`lora_n_timestamp_samples` noisy
-    copies per particle), with its own CFG scale `guidance_scale_lora` (u + s (c - u) over the LoRA's
-    text condition and the null embedding); otherwise the frozen text-conditioned model.
+    VSD without `variational=`: with parity "threestudio" and a UNet, threestudio's camera-conditioned LoRA
+    copy of the UNet (integrations/threestudio_vsd.py; the camera from the call's `c2w` or `mvp_mtx` per
+    `camera_condition_type`) trained through the returned `loss_lora` (`lora_n_timestamp_samples` noisy
+    copies per particle, `lora_cfg_training`), with its own CFG scale `guidance_scale_lora` over the camera;
+    otherwise the frozen text-conditioned model.
     The paper's §4.3 heuristics: `guidance_interval=(sigma_lo, sigma_hi)` applies CFG only there (any
     method); for MSD pass `kernel_interval=(lo, hi)` and `center="inverted"` (or "noised") through
     `distiller_kwargs`. §4.5's termination: `converged` is True once MSD's lambda is below
@@ -100,7 +101,8 @@ class DistillationGuidance(torch.nn.Module):
                  grad_clip=None, weighting="sds", seed=0, view_dependent_prompting=True, guidance_interval=None,
                  terminate_below=1e-2, nonfinite="raise", *, parity="diffsolve", denoiser=None, vae=None,
                  scheduler=None, timestep_sampling=None, image_size=512, latent_size=64, t_anneal=True,
-                 guidance_scale_lora=1.0, lora_n_timestamp_samples=1, lora_rank=4, **distiller_kwargs):
+                 guidance_scale_lora=1.0, lora_n_timestamp_samples=1, lora_rank=4, camera_condition_type="extrinsics",
+                 lora_cfg_training=True, **distiller_kwargs):
         super().__init__()
         if parity not in PARITIES:
             raise ValueError(f"parity must be one of {PARITIES}, got {parity!r}")
@@ -148,10 +150,12 @@ class DistillationGuidance(torch.nn.Module):
         self.num_train_timesteps, self.sigmas = len(acp), ((1 - acp) / acp).sqrt()
         self.global_step, self._calls, self.last_seed, self._cond, self.last_t = 0, 0, None, None, None
         self._set_steps(0, 0)
-        self.lora, self._grid = None, None
-        self.distiller = self._build(method, weighting, lora_rank, distiller_kwargs)
+        self.lora, self._grid, self._camera = None, None, None
+        self._lora_options = dict(rank=lora_rank, camera_condition_type=camera_condition_type,
+                                  lora_cfg_training=lora_cfg_training)
+        self.distiller = self._build(method, weighting, distiller_kwargs)
 
-    def _build(self, method, weighting, lora_rank, distiller_kwargs):
+    def _build(self, method, weighting, distiller_kwargs):
         smin, smax = self.sigma_of(self.min_step), self.sigma_of(self.max_step)
         threestudio = self.parity == "threestudio"
         if threestudio and not callable(weighting):
@@ -174,8 +178,8 @@ class DistillationGuidance(torch.nn.Module):
             low = int(self.num_train_timesteps * C(self.min_step_percent, 0, 0))
             options.update(sigma_min=self.sigma_of(low), sigma_max=self.sigma_of(int(self.num_train_timesteps * top)))
         if threestudio and method == "vsd" and "variational" not in distiller_kwargs and self.unet is not None:
-            from .lora import LoRAVariational
-            self.lora = LoRAVariational(self.unet, self.scheduler, rank=lora_rank, seed=self.seed)
+            from .threestudio_vsd import CameraLoRA
+            self.lora = CameraLoRA(self.unet, self.scheduler, seed=self.seed, **self._lora_options)
             self.unet_lora = self.lora.unet  # a submodule: the system's optimiser sees the LoRA parameters
             options["variational"] = self._lora_guided
         if not threestudio or method == "msd":
@@ -193,13 +197,9 @@ class DistillationGuidance(torch.nn.Module):
         return d
 
     def _lora_guided(self, z, sigma):
-        """VSD's variational prediction: the LoRA UNet with CFG of scale guidance_scale_lora (u + s (c - u))."""
-        den = self.lora.denoiser.inner
-        d_c = den(z, sigma, encoder_hidden_states=self._cond)
-        if self.guidance_scale_lora == 1.0:
-            return d_c
-        d_u = den(z, sigma, encoder_hidden_states=self._uncond)
-        return d_u + self.guidance_scale_lora * (d_c - d_u)
+        """VSD's variational prediction: the camera-conditioned LoRA UNet with CFG over the camera of scale
+        guidance_scale_lora (integrations/threestudio_vsd.py)."""
+        return self.lora.guided(z, sigma, self._cond, self._camera, self.guidance_scale_lora)
 
     @property
     def converged(self):
@@ -302,6 +302,8 @@ class DistillationGuidance(torch.nn.Module):
         generator = self._generator()
         latents = self._latents(rgb, rgb_as_latents)
         self._cond, self._uncond = cond.float(), uncond.float()  # the distiller's working dtype
+        if self.lora is not None:
+            self._camera = self.lora.camera(kw, B)
         d = self.distiller
         grad = self._grad(latents.detach().float(), generator, **self.call_conditions(cond, uncond)).to(latents.dtype)
         self.last_t = d.last_t if self._grid is not None else None  # the integer timesteps drawn
@@ -326,9 +328,8 @@ class DistillationGuidance(torch.nn.Module):
         detached latents (t ~ U{0..T-1}), differentiable in the LoRA parameters; 0 without a LoRA."""
         if self.lora is None:
             return latents.new_zeros(())
-        n = self.lora_n_timestamp_samples
-        self.lora.encoder_hidden_states = self._cond.repeat(n, *([1] * (self._cond.ndim - 1)))
-        return self.lora.loss(latents.detach().float().repeat(n, 1, 1, 1), generator)
+        return self.lora.camera_loss(latents.detach().float(), self._cond, self._camera,
+                                     self.lora_n_timestamp_samples, generator)
 
 
 def perp_neg_unavailable():

@@ -217,10 +217,11 @@ def test_prolificdreamer_weighting_weights_vsd_losses_separately():
         g = DistillationGuidance(c, method="vsd", parity="threestudio", seed=3, latent_size=8)
         g.update_step(0, 0)
         x = torch.randn(1, 8, 8, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        out = g(x, Prompts(cond, uncond), rgb_as_latents=True)
+        out = g(x, Prompts(cond, uncond), rgb_as_latents=True, c2w=torch.eye(4)[None])
         loss = sum(v * lambdas[k.replace("loss_", "lambda_")] for k, v in out.items() if k.startswith("loss_"))
         loss.backward()
         lora = torch.cat([p.grad.flatten() for p in g.lora.lora_parameters() if p.grad is not None])
+        assert all(p.grad is not None for p in g.lora.camera_embedding.parameters())
         return x.grad, lora, out
     gx1, gl1, out = run({"lambda_vsd": 1.0, "lambda_lora": 1.0})
     assert set(out) == {"loss_vsd", "loss_lora", "grad_norm", "min_step", "max_step"} and out["loss_lora"] > 0
@@ -228,3 +229,33 @@ def test_prolificdreamer_weighting_weights_vsd_losses_separately():
     torch.testing.assert_close(gx2, 2.0 * gx1)
     torch.testing.assert_close(gl2, 0.5 * gl1)
     assert gl1.abs().max() > 0
+
+
+def test_vsd_camera_lora_gradient_by_hand():
+    """stable_diffusion_vsd_guidance.py `compute_grad_vsd` on the tiny UNet: noise_pred_pretrain = uncond +
+    s (text - uncond) from the frozen UNet; noise_pred_est = CFG over the camera of the LoRA UNet (class_labels =
+    camera vs zeros, both with the text condition) with guidance_scale_lora; grad = (1 - abar) (pretrain - est)."""
+    pytest.importorskip("peft")
+    from diffsolve.integrations.diffusers import tiny_sd_components
+    c = tiny_sd_components()
+    gen = torch.Generator().manual_seed(4)
+    cond, uncond = torch.randn(1, 77, 8, generator=gen), torch.randn(1, 77, 8, generator=gen)
+    cam = torch.randn(1, 4, 4, generator=gen)
+    g = DistillationGuidance(c, method="vsd", parity="threestudio", seed=3, latent_size=8, guidance_scale=7.5,
+                             guidance_scale_lora=2.0)
+    g.update_step(0, 0)
+    x = torch.randn(1, 8, 8, 4, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    out = g(x, Prompts(cond, uncond), rgb_as_latents=True, c2w=cam)
+    out["loss_vsd"].backward()
+    t, n = redraw(g, (1, 4, 8, 8))
+    a = c.scheduler.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * x.detach().permute(0, 3, 1, 2) + (1 - a).sqrt() * n
+    with torch.no_grad():
+        tt = t.float()
+        e_c, e_u = (c.unet(x_t, tt, encoder_hidden_states=e).sample for e in (cond, uncond))
+        lora = g.lora.unet
+        l_c, l_u = (lora(x_t, tt, encoder_hidden_states=cond, class_labels=k).sample
+                    for k in (cam.reshape(1, 16), torch.zeros(1, 16)))
+    grad = (1 - a) * ((e_u + 7.5 * (e_c - e_u)) - (l_u + 2.0 * (l_c - l_u)))
+    assert (l_c - l_u).abs().max() > 1e-6  # the camera changes the LoRA UNet's prediction
+    torch.testing.assert_close(x.grad.permute(0, 3, 1, 2), grad, rtol=1e-3, atol=1e-5)
