@@ -103,6 +103,14 @@ def test_sd3_denoiser_checks_before_the_transformer_runs(sd3):
         assert calls == []
     finally:
         handle.remove()
+    from diffusers import SD3Transformer2DModel
+    patched = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                    num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                    pooled_projection_dim=64, out_channels=4).eval()
+    den = S.SD3Denoiser(transformer=patched, scheduler=c.scheduler, prompt_embeds=emb, pooled_prompt_embeds=pooled)
+    with pytest.raises(ValueError, match="latent \\(SD3 patch size\\) size 15x16 is not a positive multiple of 2"):
+        den(torch.zeros(1, 4, 15, 16), 1.0)
+    assert den(torch.zeros(1, 4, 16, 16), 1.0).shape == (1, 4, 16, 16)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["guidance_embeds", "no_guidance_embeds"])
