@@ -219,7 +219,7 @@ def test_chain_bias_against_the_closed_form_product_is_not_removed():
     """Converged (256 vs 128 steps agree to 1e-4), yet the chain's mean misses the product's by far more than
     the Monte-Carlo error: the kernel-guided score is not the noisy product's score."""
     x = torch.tensor([0.2, 0.6], dtype=F64)
-    n = 4000
+    n = 2000
     z0 = x + SIGMA_MAX * torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     kernel = ds.gaussian_kernel(x.expand(n, 2), 1.0, face="split")
     run = lambda steps: ds.sample(KernelExponential(3), GMM, z0.clone(),  # noqa: E731
@@ -325,6 +325,28 @@ def test_a_frozen_denoiser_is_integrated_exactly_inside_limited_interval(interva
         whole = ds.sample(KernelExponential(3), constant_model(mu), z0.clone(),
                           ds.sigmas_log_uniform(3, 0.05, 3.0, append_zero_=False), transforms=[kernel])
         assert (whole - run(300)).abs().max() > 1e-2
+
+
+def test_sde_noise_is_exact_for_a_frozen_denoiser_across_pieces():
+    """D constant, eta = 1, kernel inside limited_interval: the transition is Gaussian with closed-form moments
+    whatever the steps; 1 step and 40 steps (different draws) give the same mean and variance within 5 standard
+    errors, and the mean matches the deterministic part exactly."""
+    n = 20000
+    mu, c = torch.tensor([0.4], dtype=F64), torch.zeros(n, 1, dtype=F64)
+    z0 = torch.ones(n, 1, dtype=F64)
+    term = ds.limited_interval(ds.gaussian_kernel(c, 0.7, face="split"), 0.3, 1.7)
+    run = lambda steps, seed: ds.sample(KernelExponential(1, 1.0), constant_model(mu), z0.clone(),  # noqa: E731
+                                        ds.sigmas_log_uniform(steps + 1, 0.1, 2.5, append_zero_=False),
+                                        transforms=[term], generator=torch.Generator().manual_seed(seed))
+    one, many = run(1, 0), run(40, 1)
+    mean = ds.sample(KernelExponential(1, 1.0), constant_model(mu), z0[:1].clone(),
+                     torch.tensor([2.5, 0.1], dtype=F64),
+                     transforms=[ds.limited_interval(ds.gaussian_kernel(c[:1], 0.7, face="split"), 0.3, 1.7)],
+                     noise_sampler=lambda a, b: torch.zeros(1, 1, dtype=F64)).item()
+    var = one.var().item()
+    assert abs(one.mean().item() - mean) < 5 * math.sqrt(var / n)
+    assert abs(many.mean().item() - mean) < 5 * math.sqrt(var / n)
+    assert abs(many.var().item() - var) < 5 * var * math.sqrt(2 / n) * math.sqrt(2)
 
 
 def test_callable_centre_is_frozen_at_the_step_end_and_first_order():

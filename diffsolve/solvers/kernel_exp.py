@@ -38,8 +38,7 @@ import torch
 from ..sampling import Solver, sample
 from .registry import register
 
-__all__ = ["WEIGHT_RULES", "KernelExponential", "exp_weights", "gauss_legendre", "laplace_integrals",
-           "piece_weights", "sample_kernel_exp"]
+__all__ = ["KernelExponential", "sample_kernel_exp"]  # the weight helpers stay in this module
 
 WEIGHT_RULES = ("exact", "kdiffusion")
 _F64 = torch.float64
