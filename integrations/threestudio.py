@@ -291,8 +291,9 @@ class DistillationGuidance(torch.nn.Module):
 
     def __call__(self, rgb, prompt_utils, elevation=None, azimuth=None, camera_distances=None,
                  rgb_as_latents=False, guidance_eval=False, **kw):
-        if guidance_eval:
-            raise ValueError("guidance_eval=True (threestudio's evaluation images) is not supported by this guidance")
+        if guidance_eval and (self.parity != "threestudio" or self.guidance_interval is not None or elevation is None):
+            raise ValueError("guidance_eval=True needs parity='threestudio', no guidance_interval, and the cameras "
+                             "(elevation, azimuth, camera_distances)")
         B = rgb.shape[0]
         cond, uncond = self._embeddings(prompt_utils, elevation, azimuth, camera_distances, B)
         if self.unet is not None:
@@ -321,6 +322,9 @@ class DistillationGuidance(torch.nn.Module):
         out[LOSS_KEYS[self.method]] = 0.5 * F.mse_loss(latents, target, reduction="sum") / B
         if self.method == "vsd":
             out["loss_lora"] = self.lora_loss(latents, generator)
+        if guidance_eval:
+            from .threestudio_eval import guidance_eval as evaluate
+            out["eval"] = evaluate(self, latents.detach(), cond, uncond, elevation, azimuth, camera_distances)
         return out
 
     def lora_loss(self, latents, generator):

@@ -259,3 +259,34 @@ def test_vsd_camera_lora_gradient_by_hand():
     grad = (1 - a) * ((e_u + 7.5 * (e_c - e_u)) - (l_u + 2.0 * (l_c - l_u)))
     assert (l_c - l_u).abs().max() > 1e-6  # the camera changes the LoRA UNet's prediction
     torch.testing.assert_close(x.grad.permute(0, 3, 1, 2), grad, rtol=1e-3, atol=1e-5)
+
+
+def test_guidance_eval_outputs():
+    """stable_diffusion_guidance.py `guidance_eval`: keys, the noise level of the first 50-step DDIM timestep <= t,
+    the decoded noisy latents of the call's own t and noise, and the one-step x0 estimate at that grid timestep."""
+    from diffsolve.integrations.diffusers import tiny_sd_components, vae_decode
+    c = tiny_sd_components()
+    gen = torch.Generator().manual_seed(4)
+    cond, uncond = torch.randn(1, 77, 8, generator=gen), torch.randn(1, 77, 8, generator=gen)
+    g = DistillationGuidance(c, method="sds", parity="threestudio", seed=3, latent_size=8, guidance_scale=7.5,
+                             min_step_percent=0.9, max_step_percent=0.98)
+    g.update_step(0, 0)
+    x = torch.randn(2, 8, 8, 4, generator=torch.Generator().manual_seed(0))
+    cams = torch.tensor([10.0, 20.0]), torch.tensor([30.0, 40.0]), torch.tensor([1.5, 2.0])
+    out = g(x, Prompts(cond, uncond), *cams, rgb_as_latents=True, guidance_eval=True)["eval"]
+    assert set(out) == {"bs", "noise_levels", "imgs_noisy", "imgs_1step", "imgs_1orig", "imgs_final", "texts"}
+    t, n = redraw(g, (2, 4, 8, 8))
+    grid = torch.arange(50) * 20 + 1  # SD's DDIM: steps_offset 1, "leading" spacing
+    t_e = torch.stack([grid[grid <= ti].max() for ti in t])
+    assert out["noise_levels"] == pytest.approx((t_e / 1000).tolist())
+    a = c.scheduler.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+    noisy = a.sqrt() * x.permute(0, 3, 1, 2) + (1 - a).sqrt() * n
+    with torch.no_grad():
+        torch.testing.assert_close(out["imgs_noisy"], vae_decode(c.vae, noisy).permute(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+        e_c, e_u = (c.unet(noisy, t.float(), encoder_hidden_states=e.expand(2, -1, -1)).sample for e in (cond, uncond))
+        eps = e_c + 7.5 * (e_c - e_u)
+        a_e = c.scheduler.alphas_cumprod[t_e].float().reshape(-1, 1, 1, 1)
+        x0 = (noisy - (1 - a_e).sqrt() * eps) / a_e.sqrt()
+        torch.testing.assert_close(out["imgs_1orig"], vae_decode(c.vae, x0).permute(0, 2, 3, 1), rtol=1e-3, atol=1e-4)
+    assert out["texts"][1] == f"n{t_e[1].item() / 1000:.02f}\ne20.0\na40.0\nc2.00"
+    assert out["imgs_final"].shape == out["imgs_noisy"].shape == (2, 16, 16, 3)  # the tiny VAE upsamples x2
