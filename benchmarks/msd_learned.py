@@ -122,6 +122,31 @@ def run_one(ds, column, name, spec, schedule, cfg, budget, steps_for=None):
             "points": pts.tolist() if cfg.grid <= 32 else None}
 
 
+BIAS_LAMBDAS, BIAS_GRID, BIAS_DRAWS = (0.316, 0.05), 4, 32
+
+
+@torch.no_grad()
+def exact_bias(specs, seed=0):
+    """Each estimator with the exact fractal (class A) mixture denoiser in place of the learned model: relative
+    bias mean |E g - g*| / mean |g*| against the oracle g* = x - D*(x; lambda / sqrt 2) on a BIAS_GRID^2 grid
+    (BIAS_DRAWS draws per point), at the initial and a late bandwidth: what the estimator itself contributes."""
+    from diffsolve.distill import mean_shift_oracle
+    from diffsolve_studies.toy.datasets import fractal_tree
+    density, x = fractal_tree("A"), study.grid_points(BIAS_GRID)
+    out = {}
+    for name, spec in specs.items():
+        k = 1 if spec["options"]["sampler"] == "one_call" else BIAS_DRAWS
+        for lam in BIAS_LAMBDAS:
+            msd = build_msd(density, spec, lam, None, sigma_min=0.002, sigma_max=5.0)
+            g = msd.grad(x.repeat_interleave(k, 0), torch.Generator().manual_seed(seed)).reshape(len(x), k, 2)
+            oracle = mean_shift_oracle(density, x.double(), lam).float()
+            out[f"{name}/lambda {lam:g}"] = {"estimator": name, "lambda": lam, "draws": k,
+                                             "relative_bias": float((g.mean(1) - oracle).norm(dim=1).mean()
+                                                                    / oracle.norm(dim=1).mean()),
+                                             "max_norm": float(g.norm(dim=-1).max())}
+    return out
+
+
 def steps_for_budget(budget, evals):
     """The equal-calls rule: BUDGET / (evaluations per estimate) steps."""
     if budget % evals:
@@ -134,6 +159,8 @@ def settings(cfg, budget, datasets, specs, quick):
             "columns": {d: list(COLUMNS[d]) for d in datasets}, "calls_per_estimate": list(CALLS),
             "lambda_floor": LAM_FLOOR, "adaptive": {**ADAPTIVE, "lam0": cfg.lam0, "floor": LAM_FLOOR},
             "adaptive_estimators": list(ADAPTIVE_ESTIMATORS), "quick": quick,
+            "exact_bias": {"lambdas": list(BIAS_LAMBDAS), "grid": BIAS_GRID, "draws": BIAS_DRAWS,
+                           "denoiser": "exact fractal class-A mixture", "sigma_range": [0.002, 5.0]},
             "estimators": {k: {"options": v["options"], "evals": v["evals"]} for k, v in specs.items()},
             "rule": "every run spends budget_evals_per_point model evaluations per point (guided ones count "
                     "2 calls in calls_per_point, for every estimator of the column alike): an estimator of c "
@@ -173,6 +200,8 @@ def run(out, quick=False, cache=None, datasets=None, progress=True, steps_for=No
                     m = rec["metrics"]
                     print(f"{key}: {rec['seconds']:.1f}s calls {rec['calls_per_point']:.0f} NLL {m['nll']:.3f} "
                           f"P {m['precision']:.3f} R {m['recall']:.3f}", flush=True)
+    if not quick:
+        results["exact_bias"] = exact_bias(specs)
     results["seconds_this_call"] = time.perf_counter() - t_all
     results["machine"] = machine_info()
     write_json_atomic(out, results)
@@ -223,11 +252,23 @@ def markdown_rows(results, dataset="fractal"):
     return rows
 
 
+def bias_rows(results):
+    """The exact-denoiser bias table: estimator, relative bias at each of BIAS_LAMBDAS."""
+    rows = {}
+    for rec in results.get("exact_bias", {}).values():
+        rows.setdefault(rec["estimator"], [rec["estimator"].replace("_", " ")]).append(f"{rec['relative_bias']:.3f}")
+    return list(rows.values())
+
+
 def markdown(results, dataset="fractal"):
     cols = results["config"]["columns"][dataset]
     head = ["estimator", "schedule", "steps"] + [f"{c} {m}" for c in cols for m in ("NLL", "P", "R")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in markdown_rows(results, dataset)]
+    if results.get("exact_bias"):
+        head = ["estimator (exact denoiser)"] + [f"relative bias, lambda {lam:g}" for lam in BIAS_LAMBDAS]
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in bias_rows(results)]
     return "\n".join(lines)
 
 
