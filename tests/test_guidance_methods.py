@@ -525,3 +525,14 @@ def test_guidance_doc_examples_run():
     namespace = {"__name__": "__doc_example__"}
     for block in blocks:
         exec(compile(block, "docs/guidance.md", "exec"), namespace)
+
+
+@pytest.mark.parametrize("build", [lambda: G.apg(5.0, UNC, eta=0.5), lambda: G.tangential_cfg(3.0, UNC),
+                                   lambda: G.cfg_pp(0.5, UNC)])
+def test_every_guided_evaluation_records_its_unconditional_prediction(build):
+    """Run.uncond holds the latest evaluation's unconditional prediction (what renoising steps read)."""
+    x, sigma, eps_c, eps_u = _inputs((B, 4, 8, 8))
+    run = ds.Run(B)
+    den, _ = ds.compose(_eps_model(eps_c, eps_u), [build()], run)
+    den(x, sigma, c=torch.ones(B, dtype=torch.float64))
+    assert (run.uncond - (x - ds.append_dims(sigma, 4) * eps_u)).abs().max() < 1e-12
