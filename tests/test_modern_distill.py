@@ -217,3 +217,52 @@ def test_sds_vsd_msd_on_sdxl_latents(sdxl):
     sdi = SDI(den, sigma_min=SMIN, sigma_max=SMAX, total_steps=5, n_inversion=2, extra_args=cond)
     a, b = sdi.grad(x, _g(7)), sdi.grad(x, _g(8))
     assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ threestudio-style guidance on each family
+def _family(family):
+    g = _g(5)
+    if family == "sdxl":
+        c = X.tiny_sdxl_components()
+        ids = X.time_ids((64, 64), (64, 64))
+        side = lambda: dict(encoder_hidden_states=torch.randn(1, 5, 64, generator=g),  # noqa: E731
+                            text_embeds=torch.randn(1, 32, generator=g), time_ids=ids)
+    else:
+        c = S.tiny_sd3_components() if family == "sd3" else F.tiny_flux_components()
+        pooled = 64 if family == "sd3" else 32
+        side = lambda: dict(encoder_hidden_states=torch.randn(1, 5, 32, generator=g),  # noqa: E731
+                            pooled_projections=torch.randn(1, pooled, generator=g))
+    return c, side(), side()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_threestudio_guidance_accepts_each_family(family):
+    """DistillationGuidance over the family's denoiser (conditions packed into its one tensor condition): each
+    method's gradient equals the distiller's with the family's own conditions and CFG over the negative ones
+    (pooled included), same seed; the flow families' sigma range is t / (1 - t) of the step percentages."""
+    from integrations.modern_guidance import family_guidance
+    c, cond, uncond = _family(family)
+    for method in ("sds", "msd", "vsd", "sdi"):
+        extra = dict(steps=3) if method == "msd" else dict(n_inversion=2) if method == "sdi" else {}
+        guidance, utils = family_guidance(family, c, cond, uncond, method=method, guidance_scale=3.0,
+                                          trainer_max_steps=10, **extra)
+        latents = _x(1)[:1].clone().requires_grad_(True)
+        out = guidance(latents.permute(0, 2, 3, 1), utils, rgb_as_latents=True)
+        (g_guid,) = torch.autograd.grad(out["loss_sds"], latents)
+        d, packed = guidance.distiller, guidance.distiller.model
+        d.model = packed.denoiser  # the family's denoiser with its own keyword conditions
+        direct = d.grad(latents.detach(), _g(guidance.last_seed), extra_args=cond,
+                        transforms=[ds.cfg(3.0, uncond=uncond, convention="paper")])
+        d.model = packed
+        torch.testing.assert_close(g_guid, direct, rtol=1e-4, atol=1e-5)
+        assert torch.isfinite(direct).all() and direct.abs().max() > 0
+    if family != "sdxl":
+        t = (guidance.min_step + 1) / 1001
+        assert guidance.sigma_of(guidance.min_step) == pytest.approx(t / (1 - t))
+        from integrations.modern_guidance import ShiftedVAE
+        img = torch.rand(1, 3, 16, 16, generator=_g(2))
+        with torch.no_grad():
+            torch.testing.assert_close(ShiftedVAE(c.vae).encode(img * 2 - 1).latent_dist.sample(_g(4))
+                                       * c.vae.config.scaling_factor, S.encode_images(c.vae, img, _g(4)))
+        rgb = guidance(torch.rand(1, 16, 16, 3, generator=_g(3)), utils)  # the RGB path through the VAE
+        assert torch.isfinite(rgb["loss_sds"])
