@@ -266,3 +266,25 @@ def test_threestudio_guidance_accepts_each_family(family):
                                        * c.vae.config.scaling_factor, S.encode_images(c.vae, img, _g(4)))
         rgb = guidance(torch.rand(1, 16, 16, 3, generator=_g(3)), utils)  # the RGB path through the VAE
         assert torch.isfinite(rgb["loss_sds"])
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_text_to_2d_steps_on_each_family(family):
+    """text2image's loop (CoordinateImage render -> VAE -> guidance loss -> AdamW, update_step each step) on the
+    family's guidance: the loss is finite and the image moves; run_text2image itself takes SD components only."""
+    from integrations.modern_guidance import family_guidance
+    from integrations.text2image import CoordinateImage
+    c, cond, uncond = _family(family)
+    guidance, utils = family_guidance(family, c, cond, uncond, method="sds", guidance_scale=3.0, trainer_max_steps=3)
+    torch.manual_seed(0)
+    model = CoordinateImage(16, 10.0, 16, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = model.render(16, 16).detach()
+    for step in range(3):
+        guidance.update_step(0, step)
+        out = guidance(model.render(16, 16), utils)
+        assert torch.isfinite(out["loss_sds"])
+        opt.zero_grad()
+        out["loss_sds"].backward()
+        opt.step()
+    assert (model.render(16, 16).detach() - before).abs().max() > 1e-4
