@@ -119,6 +119,8 @@ class CombinedGuidance(Transform):
             raise ValueError("give exactly one of uncond (condition overrides) or guide (a model)")
         if uncond is not None and not isinstance(uncond, dict):
             raise ValueError(f"uncond must be a dict of condition overrides, got {type(uncond).__name__}")
+        if guide is not None and not callable(guide):
+            raise ValueError(f"guide must be a denoiser (callable), got {type(guide).__name__}")
         self.scale = _finite(scale, "guidance scale")
         self.paper = _check_convention(convention) == "paper"
         self.space = _check_space(self.default_space if space is None else space)

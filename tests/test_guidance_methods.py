@@ -480,6 +480,8 @@ def test_apg_in_x0_paper_convention_equals_comfyui_apg():
     (lambda: G.cfg_rescale(5.0, UNC, space="z"), "space"),
     (lambda: G.cfg_rescale(5.0, UNC, convention="comfy"), "convention"),
     (lambda: G.cfg_rescale(5.0), "exactly one"),
+    (lambda: G.cfg_rescale(5.0, [1.0]), "dict"),
+    (lambda: G.apg(5.0, guide=3.0), "guide"),
     (lambda: G.apg(5.0, UNC, momentum=2.0), "momentum"),
     (lambda: G.apg(5.0, UNC, norm_threshold=-1.0), "norm_threshold"),
     (lambda: G.apg(5.0, UNC, eta=float("inf")), "eta"),
@@ -536,3 +538,16 @@ def test_every_guided_evaluation_records_its_unconditional_prediction(build):
     den, _ = ds.compose(_eps_model(eps_c, eps_u), [build()], run)
     den(x, sigma, c=torch.ones(B, dtype=torch.float64))
     assert (run.uncond - (x - ds.append_dims(sigma, 4) * eps_u)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("build", [lambda **kw: G.apg(5.0, momentum=0.3, norm_threshold=2.0, **kw),
+                                   lambda **kw: G.tangential_cfg(4.0, **kw)])
+def test_batched_unbatched_and_guide_model_agree(build):
+    x, sigma, eps_c, eps_u = _inputs((B, 4, 8, 8))
+    base = _eps_model(eps_c, eps_u)
+    outs = [_ours(build(uncond=UNC), x, sigma, eps_c, eps_u, steps=2),
+            _ours(build(uncond=UNC, batched=False), x, sigma, eps_c, eps_u, steps=2),
+            _ours(build(guide=lambda z, s, **c: base(z, s, **{**c, **UNC})), x, sigma, eps_c, eps_u, steps=2)]
+    for other in outs[1:]:
+        for p, q in zip(outs[0], other):
+            assert (p - q).abs().max() < 1e-12

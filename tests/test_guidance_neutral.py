@@ -56,25 +56,31 @@ def _cases():
 CASES = _cases()
 
 
-def _solvers():
-    out = {}
-    for name, factory in sorted(ds.SOLVERS.items()):
-        try:
-            solver = factory()
-        except TypeError:  # needs options of its own (dpm_fast: a step count)
-            continue
-        if not solver.own_grid:  # own_grid solvers (dpm_adaptive) choose their own sigmas
-            out[name] = solver
-    return out
-
-
-SOLVERS = _solvers()
 SIGMAS = ds.sigmas_karras(4, 0.1, 5.0)
+# the solvers that build their own grid get one of their own
+OWN_GRID = {"dpm_fast": (lambda: ds.get_solver("dpm_fast", n=4), ds.dpm_fast_sigmas(0.1, 5.0, 4)),
+            "dpm_adaptive": (lambda: ds.get_solver("dpm_adaptive", rtol=0.05, atol=0.01),
+                             torch.tensor([5.0, 0.1], dtype=torch.float64))}
+
+
+def _solvers():
+    out, grids = {}, {}
+    for name, factory in sorted(ds.SOLVERS.items()):
+        if name in OWN_GRID:
+            out[name], grids[name] = OWN_GRID[name][0](), OWN_GRID[name][1]
+            continue
+        solver = factory()
+        assert not solver.own_grid, f"{name} builds its own grid: give it one in OWN_GRID"
+        out[name], grids[name] = solver, SIGMAS
+    return out, grids
+
+
+SOLVERS, GRIDS = _solvers()
 
 
 def _run(solver, transforms, extra_args, x):
-    return ds.sample(solver, model, x, SIGMAS, extra_args=extra_args, transforms=transforms,
-                     generator=torch.Generator().manual_seed(3))
+    return ds.sample(solver, model, x, GRIDS[solver.name] if solver.name in OWN_GRID else SIGMAS,
+                     extra_args=extra_args, transforms=transforms, generator=torch.Generator().manual_seed(3))
 
 
 def _x():
@@ -83,7 +89,7 @@ def _x():
 
 def test_every_registered_solver_is_covered():
     assert {"euler", "ddim", "euler_ancestral", "dpmpp_2m", "dpmpp_2s_ancestral", "heun", "uni_pc"} <= set(SOLVERS)
-    assert len(SOLVERS) >= 20
+    assert len(SOLVERS) >= 20 and set(SOLVERS) == set(ds.SOLVERS)
 
 
 @pytest.mark.parametrize("solver_name", sorted(SOLVERS))
