@@ -21,7 +21,10 @@ def append_dims(t, ndim):
 
 
 def sigma_rows(sigma, x):
-    """A [B] tensor of sigmas on x's device from a number, 0-d tensor or [B] tensor."""
+    """A [B] tensor of sigmas on x's device from a number, 0-d tensor or [B] tensor (a Python number is
+    taken in x's dtype directly, never rounded through float32 first)."""
+    if isinstance(sigma, (int, float)) and x.is_floating_point():
+        sigma = torch.tensor(float(sigma), dtype=x.dtype, device=x.device)
     sigma = torch.as_tensor(sigma, device=x.device)
     sigma = sigma.to(torch.promote_types(sigma.dtype, x.dtype) if sigma.is_floating_point() else x.dtype)
     if sigma.ndim == 0:

@@ -91,3 +91,12 @@ def test_vp_wrapper_round_trip_with_exact_model(prediction_type):
     torch.testing.assert_close(wrapped(x, sigma), exact(x, sigma), rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="prediction_type"):
         ds.VPDenoiser(exact, acp, "x0")
+
+
+def test_sigma_rows_keeps_a_python_float_in_float64():
+    from diffsolve.denoisers import sigma_rows
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    s = sigma_rows(2.6390852927, x)
+    assert s.dtype == torch.float64 and s.shape == (3,)
+    assert float(s[0]) == 2.6390852927  # not rounded through float32 (2.6390852928...)
+    assert sigma_rows(0.5, torch.zeros(2, 1)).dtype == torch.float32
