@@ -27,6 +27,12 @@ to `image_size` (512) before the VAE and latents to `latent_size` (64), threestu
 each method's CFG convention (SDS / SDI / SJC: c + w (c - u); VSD, ISM, CSD, NFSD: u + s (c - u)), SDI's
 t annealed from max to min step (`t_anneal`), and VSD's LoRA trained through the returned `loss_lora`.
 Options, C() and timestep draws live in integrations/threestudio_config.py.
+
+Pixel-space denoisers (`pixels=True`, with `denoiser=` and `scheduler=`, e.g. `pixel_schedule(...)`): no VAE
+and no resizing; the rgb goes to the denoiser as [-1, 1] pixels (x = 2 rgb - 1), and `prompt_utils` is a
+`PixelConditions`: the class labels, with the null class as CFG's unconditional, and each view's elevation
+and azimuth (degrees) passed to the denoiser as keywords, the camera kept in both CFG branches. This path
+also offers "sdi_official" (diffsolve.distill.OfficialSDI on the schedule's alphas_cumprod).
 """
 import importlib.util
 import math
@@ -48,6 +54,51 @@ LOSS_KEYS = {"sds": "loss_sds", "sjc": "loss_sds", "vsd": "loss_vsd", "sdi": "lo
              "ism": "loss_ism", "csd": "loss_csd", "nfsd": "loss_nfsd"}
 CONVENTIONS = {"sds": "paper", "sjc": "paper", "sdi": "paper", "msd": "paper", "vsd": "diffusers",
                "ism": "diffusers", "csd": "diffusers", "nfsd": "diffusers"}
+PIXEL_METHODS = THREESTUDIO_METHODS + ("sdi_official",)  # the pixel path also runs the official SDI
+LOSS_KEYS["sdi_official"], CONVENTIONS["sdi_official"] = "loss_sdi", "paper"
+
+
+class PixelConditions:
+    """`prompt_utils` of the pixel path: class labels (one, or one per view) and the null label that CFG's
+    unconditional branch uses; the camera of each view goes to the denoiser as `elevation` / `azimuth`."""
+
+    def __init__(self, class_labels, null_label):
+        self.class_labels = torch.as_tensor(class_labels).long().flatten()
+        self.null_label = int(null_label)
+
+    def arguments(self, elevation, azimuth, batch):
+        """(cond, uncond) keyword dicts for `batch` views: labels and cameras, the null label in uncond."""
+        if elevation is None or azimuth is None:
+            raise ValueError("the pixel path needs each view's elevation and azimuth")
+        labels = _rows_of(self.class_labels, batch, "class_labels")
+        cam = {"elevation": _rows_of(elevation, batch, "elevation").float(),
+               "azimuth": _rows_of(azimuth, batch, "azimuth").float()}
+        return {"class_labels": labels, **cam}, {"class_labels": torch.full_like(labels, self.null_label)}
+
+
+def _rows_of(value, batch, name):
+    v = torch.as_tensor(value).flatten()
+    if len(v) not in (1, batch):
+        raise ValueError(f"{name} needs 1 or {batch} values (one per view), got {len(v)}")
+    return v.expand(batch).clone()
+
+
+class PixelSchedule:
+    """A stand-in scheduler for a VE (EDM) pixel denoiser: `steps` training timesteps whose sigma is
+    log-uniform from sigma_min to sigma_max, alphas_cumprod = 1 / (1 + sigma^2) (so sigma_t = sqrt((1 - abar)
+    / abar) is exact), for the guidance's timestep ranges and threestudio's integer timesteps."""
+
+    def __init__(self, sigma_min=0.01, sigma_max=20.0, steps=1000):
+        if not 0 < sigma_min < sigma_max or int(steps) != steps or steps < 2:
+            raise ValueError(f"need 0 < sigma_min < sigma_max and an integer steps >= 2, got {sigma_min}, "
+                             f"{sigma_max}, {steps}")
+        sigmas = torch.logspace(math.log10(sigma_min), math.log10(sigma_max), int(steps), dtype=torch.float64)
+        self.alphas_cumprod = 1 / (1 + sigmas ** 2)
+
+
+def pixel_schedule(sigma_min=0.01, sigma_max=20.0, steps=1000):
+    """`PixelSchedule(sigma_min, sigma_max, steps)`."""
+    return PixelSchedule(sigma_min, sigma_max, steps)
 
 
 def _split_components(components):
@@ -102,11 +153,16 @@ class DistillationGuidance(torch.nn.Module):
                  terminate_below=1e-2, nonfinite="raise", *, parity="diffsolve", denoiser=None, vae=None,
                  scheduler=None, timestep_sampling=None, image_size=512, latent_size=64, t_anneal=True,
                  guidance_scale_lora=1.0, lora_n_timestamp_samples=1, lora_rank=4, camera_condition_type="extrinsics",
-                 lora_cfg_training=True, **distiller_kwargs):
+                 lora_cfg_training=True, pixels=False, **distiller_kwargs):
         super().__init__()
         if parity not in PARITIES:
             raise ValueError(f"parity must be one of {PARITIES}, got {parity!r}")
         methods = THREESTUDIO_METHODS if parity == "threestudio" else METHODS
+        self.pixels = bool(pixels)
+        if self.pixels:
+            if denoiser is None or scheduler is None or vae is not None or components is not None:
+                raise ValueError("pixels=True needs denoiser= and scheduler= (and no components or vae)")
+            methods = PIXEL_METHODS if parity == "threestudio" else METHODS
         if method not in methods:
             raise ValueError(f"method must be one of {methods}, got {method!r}")
         if nonfinite not in NONFINITE:
@@ -169,7 +225,9 @@ class DistillationGuidance(torch.nn.Module):
                    "sjc": dict(weighting="uniform" if threestudio else weighting),
                    "ism": {},
                    "sdi": dict(noisy, total_steps=self.trainer_max_steps, t_range=(0.0, 1.0)),
-                   "vsd": dict(noisy, variational=lambda z, sigma: self.denoiser(z, sigma, encoder_hidden_states=self._cond))}
+                   "vsd": dict(noisy, variational=lambda z, sigma: self.denoiser(z, sigma, **self._variational_cond())),
+                   "sdi_official": dict(total_steps=self.trainer_max_steps, alphas_cumprod=self.scheduler.alphas_cumprod,
+                                        t_range=(C(self.min_step_percent, 0, 0), C(self.max_step_percent, 0, 0)))}
         options = {**options[method], **distiller_kwargs}
         if threestudio and method == "sdi":
             options["weighting"] = lambda sigma: sigma  # grad = x - D: threestudio's SDI loss is against D
@@ -182,7 +240,7 @@ class DistillationGuidance(torch.nn.Module):
             self.lora = CameraLoRA(self.unet, self.scheduler, seed=self.seed, **self._lora_options)
             self.unet_lora = self.lora.unet  # a submodule: the system's optimiser sees the LoRA parameters
             options["variational"] = self._lora_guided
-        if not threestudio or method == "msd":
+        if not threestudio or method in ("msd", "sdi_official"):
             return make_distiller(method, self.denoiser, **options)
         from diffsolve.distill.sjc import TimestepGrid
         grid = self._grid = TimestepGrid(self.sigmas, self.min_step, self.max_step)
@@ -195,6 +253,10 @@ class DistillationGuidance(torch.nn.Module):
         else:
             self._grid = None
         return d
+
+    def _variational_cond(self):
+        """The frozen model's conditions for VSD's default variational prediction (this call's)."""
+        return dict(self._cond) if self.pixels else {"encoder_hidden_states": self._cond}
 
     def _lora_guided(self, z, sigma):
         """VSD's variational prediction: the camera-conditioned LoRA UNet with CFG over the camera of scale
@@ -234,7 +296,7 @@ class DistillationGuidance(torch.nn.Module):
         self._set_steps(epoch, global_step)
         d = self.distiller
         sdi_range = self.parity == "threestudio" and self.method == "sdi"  # SDI's inversion range stays put
-        if self.method != "msd" and not sdi_range:  # MSD's sigma_max is its chain start and stays put
+        if self.method not in ("msd", "sdi_official") and not sdi_range:  # MSD's sigma_max is its chain start
             d.sigma_min = self.sigma_of(self.min_step)
             d.sigma_max = max(self.sigma_of(self.max_step), d.sigma_min * (1 + 1e-6))
         if self.method != "msd" and self._grid is not None:
@@ -261,10 +323,14 @@ class DistillationGuidance(torch.nn.Module):
         guidance (limited to `guidance_interval` when given), both in float32. Parity "diffsolve": the paper's
         convention for every method; "threestudio": each method's own (see CONVENTIONS)."""
         convention = CONVENTIONS[self.method] if self.parity == "threestudio" else "paper"
-        guidance = cfg(self.guidance_scale, uncond={"encoder_hidden_states": uncond.float()}, convention=convention)
+        if self.pixels:  # keyword dicts of PixelConditions.arguments: the camera stays in both branches
+            extra, override = dict(cond), dict(uncond)
+        else:
+            extra, override = {"encoder_hidden_states": cond.float()}, {"encoder_hidden_states": uncond.float()}
+        guidance = cfg(self.guidance_scale, uncond=override, convention=convention)
         if self.guidance_interval is not None:
             guidance = limited_interval(guidance, *self.guidance_interval)
-        return {"extra_args": {"encoder_hidden_states": cond.float()}, "transforms": [guidance]}
+        return {"extra_args": extra, "transforms": [guidance]}
 
     def _grad(self, latents, generator, extra_args, transforms):
         """The distiller's gradient for this call's conditions; non-finite values per `nonfinite`."""
@@ -278,6 +344,8 @@ class DistillationGuidance(torch.nn.Module):
     def _latents(self, rgb, rgb_as_latents):
         """threestudio's resizing: latents to latent_size (SDI: none), rgb to image_size before the VAE."""
         x = rgb.permute(0, 3, 1, 2)
+        if self.pixels:  # the denoiser's own [-1, 1] pixels: no VAE, no resizing
+            return x * 2 - 1
         resize = self.parity == "threestudio"
         if rgb_as_latents:
             if resize and self.latent_size is not None and self.method != "sdi":
@@ -291,18 +359,27 @@ class DistillationGuidance(torch.nn.Module):
 
     def __call__(self, rgb, prompt_utils, elevation=None, azimuth=None, camera_distances=None,
                  rgb_as_latents=False, guidance_eval=False, **kw):
-        if guidance_eval and (self.parity != "threestudio" or self.guidance_interval is not None or elevation is None):
+        if guidance_eval and (self.parity != "threestudio" or self.guidance_interval is not None or elevation is None
+                              or self.pixels):
             raise ValueError("guidance_eval=True needs parity='threestudio', no guidance_interval, and the cameras "
-                             "(elevation, azimuth, camera_distances)")
+                             "(elevation, azimuth, camera_distances), and no pixels=True")
         B = rgb.shape[0]
-        cond, uncond = self._embeddings(prompt_utils, elevation, azimuth, camera_distances, B)
+        if self.pixels:
+            if not isinstance(prompt_utils, PixelConditions):
+                raise ValueError(f"pixels=True takes a PixelConditions as prompt_utils, got {type(prompt_utils).__name__}")
+            cond, uncond = prompt_utils.arguments(elevation, azimuth, B)
+        else:
+            cond, uncond = self._embeddings(prompt_utils, elevation, azimuth, camera_distances, B)
         if self.unet is not None:
             for name, t in (("latents" if rgb_as_latents else "rgb", rgb), ("prompt embeddings (cond)", cond),
                             ("prompt embeddings (uncond)", uncond)):
                 check_on_unet(t, name, self.unet, dtype=False)  # before any work; dtypes are cast below
         generator = self._generator()
         latents = self._latents(rgb, rgb_as_latents)
-        self._cond, self._uncond = cond.float(), uncond.float()  # the distiller's working dtype
+        if self.pixels:
+            self._cond, self._uncond = cond, uncond
+        else:
+            self._cond, self._uncond = cond.float(), uncond.float()  # the distiller's working dtype
         if self.lora is not None:
             self._camera = self.lora.camera(kw, B)
         d = self.distiller
@@ -317,7 +394,7 @@ class DistillationGuidance(torch.nn.Module):
         out = {"grad_norm": grad.norm(), "min_step": self.min_step, "max_step": self.max_step}
         if self.parity == "diffsolve":
             return {"loss_sds": 0.5 * F.mse_loss(latents, target, reduction="sum") / B, **out}
-        if self.method == "sdi":  # threestudio's SDI: target = x0 estimate, mean reduction, then / B
+        if self.method in ("sdi", "sdi_official"):  # threestudio's SDI: target = x0 estimate, mean reduction, / B
             return {"loss_sdi": 0.5 * F.mse_loss(latents, target, reduction="mean") / B, **out}
         out[LOSS_KEYS[self.method]] = 0.5 * F.mse_loss(latents, target, reduction="sum") / B
         if self.method == "vsd":

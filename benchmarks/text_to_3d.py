@@ -1,0 +1,124 @@
+"""The 3-D distillation testbed's comparison (diffsolve_studies/scene3d): every distiller optimises a voxel
+field per class through DistillationGuidance at equal model calls, scored against the true shapes; and the
+prior check. Writes benchmarks/results/text_to_3d.json (+ .md) and docs/figures/text_to_3d_<class>.png
+(turntable strips: the 12 held-out views of each method's seed-0 field, the truth on top).
+
+    python benchmarks/text_to_3d.py --reduced     # the committed reduced run (see REDUCED_RUN)
+    python benchmarks/text_to_3d.py               # the full run: full recipe, every class, budget 400
+    python benchmarks/text_to_3d.py --quick       # plumbing check (quick models)
+
+The run folder (resumable: a second call reuses every finished field) is outputs/text_to_3d[_reduced].
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffsolve._io import write_json  # noqa: E402
+from diffsolve_studies.scene3d import study  # noqa: E402
+from diffsolve_studies.scene3d.evaluate import heldout_cameras, true_views  # noqa: E402
+from diffsolve_studies.scene3d.world import CLASSES  # noqa: E402
+
+# sized for a shared two-core machine (load ~15) in under an hour: the reduced recipe, 2 classes, 2 seeds
+REDUCED_RUN = dict(training="reduced", classes=("tower", "mushroom"), seeds=(0, 1), budget=160, views=2,
+                   resolution=16, lr=0.3, msd_steps=4, sdi_inversion=2, check_per_class=24, check_steps=16)
+
+
+def _fmt(s):
+    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+
+
+def markdown(res):
+    cfg = res["config"]
+    lines = [f"# text_to_3d ({res.get('label', '')})", "",
+             f"training `{cfg['training']}`, classes {', '.join(cfg['classes'])}, seeds {list(cfg['seeds'])}, "
+             f"budget {cfg['budget']} model calls per view ({cfg['views']} views a step), field {cfg['resolution']}^3, "
+             f"CFG w = {cfg['scale']:g}.", "", "## Prior check (DDIM renders at the held-out cameras)", "",
+             "| w | accuracy | FD | FD floor (held-out real) | FD wrong class | passes |", "|---|---|---|---|---|---|"]
+    pc = res["prior_check"]
+    for w in cfg["check_scales"]:
+        r = pc[f"w{w:g}"]
+        lines.append(f"| {w:g} | {r['accuracy']:.3f} | {r['fd']:.4f} | {r['fd_floor']:.4f} | "
+                     f"{r['fd_wrong_class']:.4f} | {r['passes']} |")
+    lines += ["", "## Fields (mean ± std over classes and seeds)", "",
+              "| method | fields | calls / view | steps | IoU | IoU (opacity 0.1) | view error | accuracy | FD | Janus |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for v, r in sorted(res["summary"].items(), key=lambda kv: -kv[1]["iou"]["mean"]):
+        lines.append(f"| {v} | {r['fields']} | {r['nfe']} | {r['steps_mean']:.0f} | {_fmt(r['iou'])} | "
+                     f"{_fmt(r['iou_opacity_0.1'])} | {_fmt(r['view_error'])} | {_fmt(r['accuracy'])} | {_fmt(r['fd'])} | {_fmt(r['janus'])} |")
+    lines += ["", "## Paired differences against SDS (same class and seed)", "",
+              "| difference | pairs | mean | std | beyond the spread |", "|---|---|---|---|---|"]
+    for k, c in res["comparisons"].items():
+        std = "n/a" if c["std"] is None else f"{c['std']:.3f}"
+        lines.append(f"| {k} | {c['pairs']} | {c['mean']:+.3f} | {std} | {c['beyond_spread']} |")
+    return "\n".join(lines) + "\n"
+
+
+def turntables(res, out_dir, fig_dir, name, seed=0):
+    """One figure per class: the truth and each method's field from the 12 held-out azimuths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    paths = []
+    folder = Path(out_dir) / f"{name}_fields"
+    for cls in res["config"]["classes"]:
+        rows = [("truth", true_views(cls, heldout_cameras(), res["config"]["resolution"]).numpy())]
+        for key, rec in res["runs"].items():
+            r = rec["run"]
+            if r["cls"] == cls and r["seed"] == seed:
+                label = r["method"] + ("+paper" if r["heuristics"] == "paper" else "")
+                rows.append((f"{label}  IoU {rec['final']['iou']:.2f}", np.load(folder / f"{study._slug(key)}.npy")))
+        fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.1 * len(rows)))
+        for ax, (label, views) in zip(np.atleast_1d(axes), rows):
+            strip = np.concatenate(list(np.clip(views.astype(np.float32), 0, 1).transpose(0, 2, 3, 1)), axis=1)
+            ax.imshow(strip, interpolation="nearest")
+            ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+        fig.suptitle(f"{cls}: azimuth -180 .. 150 (step 30), elevation 20", fontsize=9)
+        fig.tight_layout()
+        path = Path(fig_dir) / f"text_to_3d_{cls}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        paths.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--reduced", action="store_true", help="the committed reduced run (REDUCED_RUN)")
+    mode.add_argument("--quick", action="store_true", help="quick models, tiny budget")
+    p.add_argument("--out", default=None, help="run folder (default outputs/text_to_3d[_reduced|_quick])")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        cfg, label = study.quick_config(), "quick"
+    elif args.reduced:
+        cfg, label = replace(study.Text3DConfig(), **REDUCED_RUN), "reduced"
+    else:
+        cfg, label = study.Text3DConfig(), "full"
+    out = Path(args.out or ROOT / "outputs" / ("text_to_3d" + ("" if label == "full" else f"_{label}")))
+    t0 = time.perf_counter()
+    res = study.run_study(cfg, out, progress=args.progress)
+    res["label"], res["wall_seconds_this_call"] = label, time.perf_counter() - t0
+    res["wall_seconds_all_fields"] = sum(r["seconds"] for r in res["runs"].values())
+    if not args.no_figures and res["runs"]:
+        res["figures"] = turntables(res, out, args.figures, "text_to_3d")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    write_json(results / "text_to_3d.json", res)
+    (results / "text_to_3d.md").write_text(markdown(json.loads(json.dumps(res))))
+    return res
+
+
+if __name__ == "__main__":
+    main()
