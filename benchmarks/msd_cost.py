@@ -536,6 +536,16 @@ def markdown(data):
                    f"({best}, {at_goal[best][1]} calls)"
                    + (f"; posterior ddim at 32 calls {_f(ref['relative_bias'])} (noise floor "
                       f"{_f(ref['noise_floor'])})" if ref else "") + ".")
+    out += ["", "### Sampling error of the settings (largest over estimators at the largest budget)", "",
+            "| problem | point | lambda | mean error SE | covariance error floor |", "|---|---|---|---|---|"]
+    for prob in data["mean_summary"]:
+        sel = [r for r in data["rows"] if r["problem"] == prob and r.get("mean_se") and r["cov_floor"] is not None]
+        for pt, lam in dict.fromkeys((r["point"], r["lam"]) for r in sel):
+            here = [r for r in sel if (r["point"], r["lam"]) == (pt, lam)]
+            top = max(r["calls"] for r in here)
+            here = [r for r in here if r["calls"] == top]
+            out.append(f"| {prob} | {pt} | {lam:g} | {_f(max(r['mean_se'] for r in here))} | "
+                       f"{_f(max(r['cov_floor'] for r in here))} |")
     out.append("")
     for prob in data["mean_summary"]:
         out += [f"### {prob}", "",

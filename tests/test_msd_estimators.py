@@ -87,3 +87,18 @@ def test_too_little_noise_fails_the_same_check():
     msd = MSD(MODEL, LAM, sampler="posterior", solver="ddim", n_samples=N, steps=STEPS[1])
     msd.solver = ds.DDIM(0.5)  # forced past MSD's guard: drift 1.5, not the reverse SDE
     assert worst_z(msd.sample_product(POINT[None], generator=torch.Generator().manual_seed(0))[0]) > 5
+
+
+def test_the_posterior_grid_takes_rho():
+    """The posterior chain evaluates the model on sigmas_karras(steps, sigma_min, lam / sqrt(2), rho)."""
+    seen = []
+
+    def model(x, sigma, **cond):
+        seen.append(float(sigma.flatten()[0]))
+        return 0.5 * x
+
+    for rho in (1.0, 3.0, 7.0):
+        seen.clear()
+        MSD(model, LAM, sampler="posterior", solver="ddim", steps=6, rho=rho).grad(POINT[None])
+        want = ds.sigmas_karras(6, 0.002, LAM / math.sqrt(2), rho)[:-1].tolist()
+        assert seen == pytest.approx(want, rel=1e-12), (rho, seen, want)
