@@ -261,3 +261,66 @@ def test_tiny_unet_ism_by_hand_ddim(tiny):
     e_c, e_u = _eps(c, x_t, t, cond), _eps(c, x_t, t, uncond)
     hand = ((1 - a[t]) / a[t]).sqrt() * (e_u + S * (e_c - e_u) - eps_s)
     torch.testing.assert_close(g, hand, rtol=2e-4, atol=2e-5)
+
+
+# ---------------------------------------------------------------- the studies' benchmark scripts (equal calls)
+def _toy_bench():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toy2d_distillers.py"
+    import sys
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("toy2d_distillers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class _Float(torch.nn.Module):
+    """A Gaussian toy model in float32 (the studies' points are float32)."""
+
+    def __init__(self, mu, s):
+        super().__init__()
+        self.g, self.gain = Gaussian(mu, s), torch.nn.Parameter(torch.ones(()))  # a parameter for VSD's trainer
+
+    def forward(self, z, sigma, **cond):
+        return self.gain * self.g(z.double(), torch.as_tensor(sigma).double()).float()
+
+
+def test_toy_benchmark_equal_calls_rule():
+    """Every method's measured model calls per point and step stay within the budget of 16 and near it (n_mc =
+    floor(16 / measured cost); MSD's chain scaled from a probe); CSD / NFSD only where a guidance pair exists."""
+    from dataclasses import replace
+    from diffsolve_studies.toy import study
+    bench = _toy_bench()
+    ds = {"name": "fractal", "data": torch.randn(200, 2), "models": {
+        "main": _Float([0.5, 0.2], 0.3), "cfg_uncond": _Float([0.0, 0.0], 1.0), "autoguide": _Float([0.4, 0.1], 0.5)}}
+    cfg_ = replace(study.StudyConfig(), grid=4, steps=3, ideal_steps=2)
+    assert bench.build("csd", ds, "learned", cfg_, 3) is None and bench.build("nfsd_weakneg", ds, "autoguidance", cfg_, 3) is None
+    for method in bench.PAPER + bench.NEW:
+        maker, run_cfg = bench.build(method, ds, "cfg", cfg_, 3)
+        if run_cfg is None:
+            cost = bench.cost_per_estimate(maker)
+            run_cfg, d = replace(cfg_, n_mc=max(1, int(16 // cost))), maker()
+        else:
+            d = maker
+        model, transforms, inversion = study.column_model(ds, "cfg", cfg_)
+        _, calls, _ = study.optimise("sds", model, transforms, inversion, "cfg", study.grid_points(4), run_cfg,
+                                     torch.Generator().manual_seed(0), distiller=d)
+        assert 8 <= calls <= 16 * 1.1, (method, calls)  # ISM's cost varies with t: its mean is measured
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["toy2d_distillers", "digits_distillers"])
+def test_benchmark_quick_modes_run(script, tmp_path):
+    """Each benchmark's --quick mode end to end (about 1-2 minutes each; trained quick models are cached)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / script
+    subprocess.run([sys.executable, str(root / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out)],
+                   check=True, cwd=root, capture_output=True, timeout=900)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {"ism", "csd", "nfsd", "sjc", "sds", "msd"} <= {r["method"] for r in rows}
