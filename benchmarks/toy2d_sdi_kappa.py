@@ -3,7 +3,7 @@
 kappa = (z_{t+delta} - x) / sigma_{t+delta} after DDIM inversion of x (OfficialSDI, the official code's
 recipe; and SDI, the paper's algorithm on the rho-grid). For noise of the forward process it would be
 N(0, I): |kappa| has median sqrt(2 ln 2) = 1.18 and mean sqrt(pi / 2) = 1.25 in 2D. Measured at the
-optimisation's first, middle and last step (K = 150), from the study's 64 x 64 start grid (mostly off the
+optimisation's first, middle and last step (K = 150), from a start grid as the study's (--grid, mostly off the
 data) and from 4096 class-A samples (on it), with the learned model, the ideal denoiser of the 10^4 data
 points and the exact mixture; inversion eta as the variant's default and 0. Then both variants are run
 through the study's ideal and learned columns (StudyConfig otherwise). Writes
@@ -38,9 +38,10 @@ def summary(norms):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--no-runs", action="store_true", help="only the kappa statistics")
+    p.add_argument("--grid", type=int, default=32, help="points per axis of the start grid (the study: 64)")
     p.add_argument("--out", default=str(RESULTS / "toy2d_sdi_kappa.json"))
     a = p.parse_args(argv)
-    cfg = study.StudyConfig()
+    cfg = replace(study.StudyConfig(), grid=a.grid)
     ds = study.load_dataset("fractal", progress=False)
     points = {"start grid": study.grid_points(cfg.grid),
               "data": ds["density"].sample(4096, generator=torch.Generator().manual_seed(5)).float()}

@@ -1,7 +1,7 @@
 """VSD's variational model phi on the fractal's learned, CFG and autoguidance columns: how much of VSD's
 divergence under guidance is an under-trained phi.
 
-Rows per column, everything else as in the study (StudyConfig):
+Rows per column, everything else as in the study (StudyConfig; a 32 x 32 start grid by default, --grid):
   * "exact phi": phi = the ideal denoiser (eq. 16) of the current particles, refitted every step (what a
     perfectly trained variational model would be);
   * "trained phi, lognormal sigma": the study's former phi, one Adam step (lr 1e-3) per optimisation step on
@@ -14,6 +14,7 @@ Writes benchmarks/results/toy2d_vsd_phi.json.
 """
 import argparse
 import sys
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -40,9 +41,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--columns", default="learned,cfg,autoguidance")
     p.add_argument("--variants", default="exact,lognormal_1,gradient_8")
+    p.add_argument("--grid", type=int, default=32, help="points per axis of the start grid (the study: 64)")
     p.add_argument("--out", default=str(RESULTS / "toy2d_vsd_phi.json"))
     a = p.parse_args(argv)
-    cfg = study.StudyConfig()
+    cfg = replace(study.StudyConfig(), grid=a.grid)
     ds = study.load_dataset("fractal", progress=False)
     rows = []
     for column in a.columns.split(","):

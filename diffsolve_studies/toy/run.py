@@ -25,10 +25,10 @@ from .tables import PAPER_KEYS, markdown_tables, paper_tables  # noqa: F401 - pa
 NAME = "toy2d"
 QUICK = dict(grid=16, data_points=2000, n_mc=1, steps=40, lr=0.08, ideal_steps=10, chain_steps=8)
 QUICK_SCALE, QUICK_K = 0.05, 8  # training iterations (fraction of the recipe), efficiency estimates per point
-# wall times measured with OMP_NUM_THREADS=1 on a busy 2-core x86 server (its CPU time was 10-30% less)
-QUICK_TIME = ("about 2.5 minutes for the three data sets with a cold model cache, 1.5 minutes warm (most of it "
-              "drawing the KDE densities of the spiral and pinwheel figures); --datasets fractal alone about 15 s "
-              "(10 s warm)")
+# measured with OMP_NUM_THREADS=1 on a 2-core x86 server at load 10-16 (CPU time; the wall time was 3-4x more)
+QUICK_TIME = ("--datasets fractal about 50 s of CPU time with a cold model cache (training its three quick models "
+              "included); the three data sets take longer (the spiral and pinwheel quick models train on 10^4-point "
+              "KDEs)")
 
 
 def quick_note(cfg, iterations_scale):
