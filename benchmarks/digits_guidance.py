@@ -17,7 +17,8 @@ Settings (METHODS; w is the study's convention c + w (c - u)):
                   root of the dimension ratio (15 sqrt(64 / 16384) = 0.94), eps space;
   - cfg_zero_star: Fan et al. 2025, optimised scale alpha*, zero-init of the first DDIM step (diffusers' default
                   zero_init_steps = 1) for DDIM; no zero-init in distillation (a fresh run per gradient restarts its
-                  counter, so every SDS evaluation would be "the first" and return zero);
+                  counter, so every SDS evaluation would be "the first": its zero eps turns the SDS gradient into the
+                  drawn noise alone);
   - cfg_pp:       Chung et al. 2024, lambda in [0, 1] (LAMBDAS), renoising with the unconditional prediction. DDIM and
                   MSD's DDIM chain renoise, so it applies to both; SDS does not renoise (its noise is the drawn
                   noise, its update x - D only uses the data part), where CFG++ would be CFG at lambda <= 1 and is
@@ -25,7 +26,8 @@ Settings (METHODS; w is the study's convention c + w (c - u)):
 APG's momentum and CFG-Zero*'s counter live in the run: for SDS a run is one gradient (one evaluation), so APG
 acts there without momentum; along MSD's chain and DDIM's steps both act as in a sampler.
 
-    python benchmarks/digits_guidance.py          # -> benchmarks/results/digits_guidance.json, .md (resumes)
+    python benchmarks/digits_guidance.py --strong # -> benchmarks/results/digits_guidance.json, .md (resumes; the
+                                                  #    committed run: 41 min of runs on a 2-core server at load 9-15)
     python benchmarks/digits_guidance.py --quick --out /tmp/g.json --cache /tmp/cache   # tiny models, seconds
 """
 import argparse
@@ -125,13 +127,13 @@ def study_run(method, scale, group, dist, param, cfg_):
                      label=f"{method}" + (f"_lambda{scale:g}" if method == "cfg_pp" else ""))
 
 
-def plan(quick=False, mlp=False):
-    """Every (kind, method, scale, group, distiller, param), the main scale first: DDIM for every method and scale,
-    SDS and MSD on pixels (CFG++: MSD only); `mlp`: also on the coordinate MLP at the main scale. `quick`: the main
-    scale only."""
-    out = []
-    for g in [0] if quick else range(len(SCALES)):
-        out += [("ddim", m, s, g, None, None) for m, s, _ in grid([g])]
+def plan(quick=False, mlp=False, strong=False):
+    """Every (kind, method, scale, group, distiller, param): DDIM for every method and scale; SDS and MSD on pixels
+    at the main scale (CFG++: MSD only); `strong`: also at w = 7.5; `mlp`: also on the coordinate MLP at the main
+    scale. `quick`: the main scale only."""
+    groups = [0] if quick else list(range(len(SCALES)))
+    out = [("ddim", m, s, g, None, None) for m, s, g in grid(groups)]
+    for g in groups if strong else [0]:
         for param in ("pixels", "mlp") if mlp and g == 0 else ("pixels",):
             out += [("distill", m, s, g, dist, param) for m, s, _ in grid([g]) for dist in DISTILLERS
                     if not (m == "cfg_pp" and dist == "sds")]
@@ -143,19 +145,19 @@ def key(kind, method, scale, group, dist, param):
     return f"ddim/{name}" if kind == "ddim" else f"{dist}/{param}/{name}"
 
 
-def run(out, quick=False, cache=None, progress=False, mlp=False):
+def run(out, quick=False, cache=None, progress=False, mlp=False, strong=False):
     t0 = time.perf_counter()
     cfg_ = study.quick_config() if quick else study.DigitsConfig()
     training = TINY_TRAINING if quick else FULL_TRAINING
     _, models, ref = load_testbed(training, cache_dir=None if cache is None else Path(cache), progress=progress)
     labels = study.labels_for(cfg_)
     results = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg_).items()},
-               "quick": quick, "mlp": mlp, "settings": settings(), "scales_w": list(SCALES),
+               "quick": quick, "mlp": mlp, "strong": strong, "settings": settings(), "scales_w": list(SCALES),
                "lambdas": list(LAMBDAS), "runs": {}}
     previous = json.loads(out.read_text()) if out.exists() else None
     same = previous is not None and all(previous.get(k) == results[k] for k in ("config", "quick", "settings"))
     done = previous["runs"] if same else {}  # resume: runs of the same settings are kept
-    for kind, method, scale, group, dist, param in plan(quick, mlp):
+    for kind, method, scale, group, dist, param in plan(quick, mlp, strong):
         k = key(kind, method, scale, group, dist, param)
         if k in done:
             results["runs"][k] = done[k]
@@ -176,7 +178,8 @@ def run(out, quick=False, cache=None, progress=False, mlp=False):
         if progress:
             print(f"{k}: FD {rec['final']['fd']:.1f} ({rec['seconds']:.0f} s)", flush=True)
     results["ranking"] = ranking(results)
-    results["seconds"] = time.perf_counter() - t0
+    results["seconds"] = time.perf_counter() - t0  # this call (runs resumed from an earlier call cost nothing)
+    results["runs_seconds"] = sum(rec["seconds"] for rec in results["runs"].values())
     results["machine"] = machine_info()
     write_json_atomic(out, results)
     return results
@@ -267,13 +270,14 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/digits_guidance.json; --quick: "
                    "outputs/digits_guidance_quick.json); the markdown tables go beside it (.md)")
     p.add_argument("--cache", default=None, help="model cache (default: $DIFFSOLVE_CACHE or ~/.cache/diffsolve)")
+    p.add_argument("--strong", action="store_true", help="also distil at w = 7.5")
     p.add_argument("--mlp", action="store_true", help="also distil into the coordinate MLP at the main scale")
     p.add_argument("--progress", action="store_true", help="print each run as it finishes")
     a = p.parse_args(argv)
     out = Path(a.out) if a.out else (Path("outputs/digits_guidance_quick.json") if a.quick
                                      else RESULTS / "digits_guidance.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    results = run(out, a.quick, a.cache, a.progress, a.mlp)
+    results = run(out, a.quick, a.cache, a.progress, a.mlp, a.strong)
     md = markdown(results)
     out.with_suffix(".md").write_text(md)
     print(md)
