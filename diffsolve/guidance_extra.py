@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .denoisers import append_dims, sigma_rows
-from .guidance import CombinedGuidance, _check_space, _dims, _finite, from_space, rescale_to, to_space
-from .transforms import Transform, _rows
+from .denoisers import append_dims
+from .guidance_base import CombinedGuidance, _check_space, _dims, _finite, from_space, rescale_to, to_space
+from .transforms import Transform, predict_under
 
 __all__ = ["CFGNorm", "DualCFG", "DynamicThresholding", "FrequencyDecoupledGuidance", "MagnitudeAwareGuidance",
            "PerpNeg", "TangentialCFG", "cfg_norm", "dual_cfg", "dynamic_thresholding", "frequency_decoupled",
@@ -161,22 +161,8 @@ class FrequencyDecoupledGuidance(CombinedGuidance):
 
 def _predict_many(model, x, sigma, cond, overrides, batched):
     """Predictions at (x, sigma) under each condition set: `cond` updated by each dict of `overrides`; one call
-    of len(overrides) times the batch when `batched`."""
-    if not batched:
-        return [model(x, sigma, **{**cond, **o}) for o in overrides]
-    b, k = x.shape[0], len(overrides)
-    sets = [{**cond, **o} for o in overrides]
-    keys = set().union(*sets)
-    merged = {}
-    for key in keys:
-        values = [s.get(key) for s in sets]
-        if all(isinstance(v, torch.Tensor) for v in values):
-            merged[key] = torch.cat([_rows(v, b, key, f"condition set {i}") for i, v in enumerate(values)])
-        elif any(v != values[0] for v in values[1:]):
-            raise ValueError(f"cannot batch non-tensor condition {key!r}: {values!r}")
-        else:
-            merged[key] = values[0]
-    return list(model(torch.cat([x] * k), sigma_rows(sigma, x).repeat(k), **merged).chunk(k))
+    of len(overrides) times the batch when `batched` and the sets can share it (`predict_under`)."""
+    return predict_under(model, x, sigma, cond, overrides, batched)
 
 
 class _MultiCondition(Transform):

@@ -20,7 +20,7 @@ from .denoisers import append_dims, sigma_rows
 
 __all__ = ["CONVENTIONS", "FLOWS", "KERNEL_FACES", "SPLITTINGS", "Flow", "GaussianKernel", "Guidance",
            "IntervalFlow", "LimitedInterval", "LinearTerm", "Run", "SampleInfo", "Transform", "autoguidance", "cfg",
-           "compose", "gaussian_kernel", "limited_interval"]
+           "compose", "gaussian_kernel", "limited_interval", "predict_under"]
 
 CONVENTIONS = ("diffusers", "paper")
 SPLITTINGS = ("lie", "strang")
@@ -135,19 +135,32 @@ def _rows(value, batch, key, side):
     raise ValueError(f"{side} condition {key!r} has batch {value.shape[0]} but x has batch {batch}")
 
 
-def _cat_cond(uncond, cond, batch):
-    """Batch [uncond, cond] keyword arguments along dim 0 (diffusers' order), each expanded to `batch` rows
-    first; non-tensors must agree."""
-    out = {}
-    for key in cond.keys() | uncond.keys():
-        u, c = uncond.get(key, cond.get(key)), cond.get(key, uncond.get(key))
-        if isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor):
-            out[key] = torch.cat([_rows(u, batch, key, "uncond"), _rows(c, batch, key, "cond")])
-        elif u != c:
-            raise ValueError(f"cannot batch non-tensor condition {key!r}: uncond {u!r} != cond {c!r}")
-        else:
-            out[key] = c
-    return out
+def predict_under(model, x, sigma, cond, overrides, batched=True):
+    """The model's predictions at (x, sigma) under each condition set {**cond, **o}, o in `overrides`
+    (diffusers' order: e.g. [uncond, {}] gives [D_u, D_c]).
+
+    One call of len(overrides) times the batch when `batched` and the sets can share it: every key present in
+    every set (batch-1 tensors are expanded) and non-tensors equal. Otherwise one call per set, so nothing is
+    silently wrong: a condition the model holds itself (a prompt fixed in the denoiser) and that only an
+    override names cannot be batched against it, and filling the other half with the override would give
+    every half the override. Model calls cost the same either way."""
+    sets = [{**cond, **o} for o in overrides]
+    keys = set().union(*sets)
+    if batched and len(sets) > 1 and all(k in st for st in sets for k in keys):
+        b, k = x.shape[0], len(sets)
+        merged, shareable = {}, True
+        for key in keys:
+            values = [st[key] for st in sets]
+            if all(isinstance(v, torch.Tensor) for v in values):
+                merged[key] = torch.cat([_rows(v, b, key, f"condition set {i}") for i, v in enumerate(values)])
+            elif any(isinstance(v, torch.Tensor) for v in values) or any(v != values[0] for v in values[1:]):
+                shareable = False
+                break
+            else:
+                merged[key] = values[0]
+        if shareable:
+            return list(model(torch.cat([x] * k), sigma_rows(sigma, x).repeat(k), **merged).chunk(k))
+    return [model(x, sigma, **st) for st in sets]
 
 
 class Guidance(Transform):
@@ -172,8 +185,7 @@ class Guidance(Transform):
             if guide is not None:
                 d_c, d_u = model(x, sigma, **cond), guide(x, sigma, **cond)
             elif self.batched:
-                sigma2 = sigma_rows(sigma, x).repeat(2)
-                d_u, d_c = model(torch.cat([x, x]), sigma2, **_cat_cond(uncond, cond, x.shape[0])).chunk(2)
+                d_u, d_c = predict_under(model, x, sigma, cond, [uncond, {}])
             else:
                 d_c, d_u = model(x, sigma, **cond), model(x, sigma, **{**cond, **uncond})
             run.uncond = d_u

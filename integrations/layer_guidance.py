@@ -39,7 +39,7 @@ import re
 import torch
 
 from diffsolve.denoisers import append_dims, sigma_rows
-from diffsolve.transforms import CONVENTIONS, Transform, _cat_cond
+from diffsolve.transforms import CONVENTIONS, Transform, predict_under
 
 __all__ = ["KINDS", "LayerPerturbation", "LayerSkipAutoguidance", "PerturbedGuidance", "block_stacks",
            "layer_skip_autoguidance", "perturbed", "perturbed_attention_guidance", "skip_layer_guidance",
@@ -232,10 +232,7 @@ class PerturbedGuidance(Transform):
         """(D_u or None, D_c): one call of twice the batch when batched (diffusers' [uncond, cond] order)."""
         if self.g is None:
             return None, model(x, sigma, **cond)
-        if self.batched:
-            both = model(torch.cat([x, x]), sigma_rows(sigma, x).repeat(2), **_cat_cond(self.uncond, cond, x.shape[0]))
-            return both.chunk(2)
-        return model(x, sigma, **{**cond, **self.uncond}), model(x, sigma, **cond)
+        return tuple(predict_under(model, x, sigma, cond, [self.uncond, {}], self.batched))
 
     def wrap(self, model, run):
         def guided(x, sigma, **cond):

@@ -274,3 +274,33 @@ def test_signature_defaults_are_documented_spaces():
                        (g.FrequencyDecoupledGuidance, "eps"), (g.CFGNorm, "x0")]:
         assert cls.default_space == space
     assert inspect.signature(g.PerpNeg).parameters["space"].default == "x0"
+
+
+def test_a_condition_held_by_the_model_is_not_batched_against_an_override():
+    """A prompt fixed inside the denoiser (not passed per call) with an unconditional override: batching would
+    give both halves the override (the guided result would be the unconditional one); `predict_under` evaluates
+    the sets separately instead, for CFG and every method built on it, at the same counted cost."""
+    import diffsolve as ds
+    from diffsolve.transforms import predict_under
+
+    def model(x, sigma, prompt=None):
+        p = torch.ones_like(x) if prompt is None else prompt
+        return x * 0.5 + p
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    neg = torch.zeros(1, 2, dtype=torch.float64)
+    d_u, d_c = predict_under(model, x, 1.0, {}, [{"prompt": neg}, {}])
+    assert torch.equal(d_u, model(x, 1.0, prompt=neg)) and torch.equal(d_c, model(x, 1.0))
+    for t in (ds.cfg(3.0, {"prompt": neg}), ds.guidance.cfg_rescale(3.0, {"prompt": neg}),
+              ds.guidance.apg(3.0, {"prompt": neg})):
+        guided, _ = ds.transforms.compose(model, [t])
+        unbatched = type(t).__new__(type(t))
+        unbatched.__dict__.update({**t.__dict__, "batched": False})
+        ref, _ = ds.transforms.compose(model, [unbatched])
+        assert torch.allclose(guided(x, torch.ones(3, dtype=torch.float64)), ref(x, torch.ones(3, dtype=torch.float64)),
+                              atol=1e-12), t
+    # with the key given on both sides the sets still share one call of twice the batch
+    calls = []
+    counted = lambda x, sigma, **c: calls.append(x.shape[0]) or model(x, sigma, **c)  # noqa: E731
+    predict_under(counted, x, 1.0, {"prompt": torch.ones(1, 2, dtype=torch.float64)}, [{"prompt": neg}, {}])
+    assert calls == [6]
