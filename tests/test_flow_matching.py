@@ -212,8 +212,9 @@ def test_distillers_refuse_infinite_sigma_max():
             cls(den, sigma_max=math.inf)
     with pytest.raises(ValueError, match="sigma_max must be finite for a distiller"):
         VSD(den, None, sigma_max=math.inf)
-    # MSD's kernel chain starts at sigma_max: refused at the first gradient, before any model call
+    # MSD's kernel chain starts at sigma_max: refused where the option enters, before any model call
     model, calls = _counted(den)
-    with pytest.raises(ValueError, match="sigma_max must be finite"):
-        MSD(model, sigma_max=math.inf).grad(randn(2, 2))
+    for sampler in ("kernel", "posterior", "one_call"):
+        with pytest.raises(ValueError, match="sigma_max must be finite for a distiller"):
+            MSD(model, sigma_max=math.inf, sampler=sampler)
     assert calls == []

@@ -21,7 +21,7 @@ from ..schedules import sigmas_karras
 from ..solvers import solver_factory
 from ..solvers.function import FunctionSolver
 from ..transforms import FLOWS, KERNEL_FACES, SPLITTINGS, GaussianKernel, LimitedInterval
-from .base import Distiller, euler_inversion
+from .base import Distiller, check_sigma_range, euler_inversion
 
 __all__ = ["CENTERS", "ExplicitKernelWarning", "MSD", "SAMPLERS", "mean_shift_oracle"]
 
@@ -91,8 +91,7 @@ class MSD(Distiller):
             raise ValueError(f"n_samples must be a positive integer, got {n_samples}")
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps}")
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        check_sigma_range(sigma_min, sigma_max)
         if not eta >= 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         if kernel_interval is not None and not 0 <= kernel_interval[0] < kernel_interval[1]:
