@@ -78,10 +78,11 @@ def turntables(res, out_dir, fig_dir, name, seed=0):
         for ax, (label, views) in zip(np.atleast_1d(axes), rows):
             strip = np.concatenate(list(np.clip(views.astype(np.float32), 0, 1).transpose(0, 2, 3, 1)), axis=1)
             ax.imshow(strip, interpolation="nearest")
-            ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+            ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
             ax.set_xticks([]), ax.set_yticks([])
         fig.suptitle(f"{cls}: azimuth -180 .. 150 (step 30), elevation 20", fontsize=9)
         fig.tight_layout()
+        fig.subplots_adjust(left=0.17)
         path = Path(fig_dir) / f"text_to_3d_{cls}.png"
         fig.savefig(path, dpi=80)
         plt.close(fig)
@@ -99,6 +100,9 @@ def main(argv=None):
     p.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--classes", default=None, help="comma-separated classes (overrides the mode's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (overrides the mode's)")
+    p.add_argument("--budget", type=int, default=None, help="model calls per view per field (overrides)")
     args = p.parse_args(argv)
     if args.quick:
         cfg, label = study.quick_config(), "quick"
@@ -106,6 +110,12 @@ def main(argv=None):
         cfg, label = replace(study.Text3DConfig(), **REDUCED_RUN), "reduced"
     else:
         cfg, label = study.Text3DConfig(), "full"
+    if args.classes:
+        cfg = replace(cfg, classes=tuple(args.classes.split(",")))
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(range(args.seeds)))
+    if args.budget:
+        cfg = replace(cfg, budget=args.budget)
     out = Path(args.out or ROOT / "outputs" / ("text_to_3d" + ("" if label == "full" else f"_{label}")))
     t0 = time.perf_counter()
     res = study.run_study(cfg, out, progress=args.progress)
