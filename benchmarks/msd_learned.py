@@ -26,7 +26,6 @@ Schedules: linear decay lambda_0 (1 - k / K) held at >= 1e-2 (the paper's lambda
 """
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, replace
