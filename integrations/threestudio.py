@@ -34,7 +34,6 @@ and no resizing; the rgb goes to the denoiser as [-1, 1] pixels (x = 2 rgb - 1),
 and azimuth (degrees) passed to the denoiser as keywords, the camera kept in both CFG branches. This path
 also offers "sdi_official" (diffsolve.distill.OfficialSDI on the schedule's alphas_cumprod).
 """
-import importlib.util
 import math
 
 import torch
@@ -206,7 +205,7 @@ class DistillationGuidance(torch.nn.Module):
         self.num_train_timesteps, self.sigmas = len(acp), ((1 - acp) / acp).sqrt()
         self.global_step, self._calls, self.last_seed, self._cond, self.last_t = 0, 0, None, None, None
         self._set_steps(0, 0)
-        self.lora, self._grid, self._camera = None, None, None
+        self.lora, self._grid, self._camera, self._perp = None, None, None, None
         self._lora_options = dict(rank=lora_rank, camera_condition_type=camera_condition_type,
                                   lora_cfg_training=lora_cfg_training)
         self.distiller = self._build(method, weighting, distiller_kwargs)
@@ -304,8 +303,15 @@ class DistillationGuidance(torch.nn.Module):
         d.on_step(self.global_step)  # MSD's bandwidth schedule, SDI's annealing (VSD refits after its gradient)
 
     def _embeddings(self, prompt_utils, elevation, azimuth, camera_distances, batch):
+        self._perp = None
         if hasattr(prompt_utils, "use_perp_neg") and prompt_utils.use_perp_neg:  # threestudio's PromptProcessorOutput
-            raise ValueError(perp_neg_unavailable())
+            if self.parity != "threestudio" or self.guidance_interval is not None:
+                raise ValueError("prompt_utils.use_perp_neg needs parity='threestudio' and no guidance_interval")
+            from .threestudio_perpneg import perp_neg_conditions
+            cond, uncond, negatives, weights = perp_neg_conditions(
+                prompt_utils, elevation, azimuth, camera_distances, self.view_dependent_prompting, batch)
+            self._perp = ([n.float() for n in negatives], weights)
+            return cond, uncond
         if hasattr(prompt_utils, "get_text_embeddings"):
             emb = prompt_utils.get_text_embeddings(elevation, azimuth, camera_distances, self.view_dependent_prompting)
             cond, uncond = emb.chunk(2)  # threestudio's order: cond first, then uncond
@@ -327,6 +333,12 @@ class DistillationGuidance(torch.nn.Module):
             extra, override = dict(cond), dict(uncond)
         else:
             extra, override = {"encoder_hidden_states": cond.float()}, {"encoder_hidden_states": uncond.float()}
+        if self._perp is not None:  # threestudio's Perp-Neg: u + s (pos + sum_i w_i perp_i), eps space
+            from .threestudio_perpneg import ThreestudioPerpNeg
+            negatives, weights = self._perp
+            guidance = ThreestudioPerpNeg(self.guidance_scale, override,
+                                          [{"encoder_hidden_states": n} for n in negatives], weights)
+            return {"extra_args": extra, "transforms": [guidance]}
         guidance = cfg(self.guidance_scale, uncond=override, convention=convention)
         if self.guidance_interval is not None:
             guidance = limited_interval(guidance, *self.guidance_interval)
@@ -412,10 +424,3 @@ class DistillationGuidance(torch.nn.Module):
         return self.lora.camera_loss(latents.detach().float(), self._cond, self._camera,
                                      self.lora_n_timestamp_samples, generator)
 
-
-def perp_neg_unavailable():
-    """The message for prompt_utils.use_perp_neg: which module the Perp-Neg transform comes from."""
-    has = importlib.util.find_spec("diffsolve.guidance") is not None
-    return ("prompt_utils.use_perp_neg is set, but Perp-Neg needs a Perp-Neg transform from diffsolve.guidance"
-            + (", which has none in this installation" if has else ", which this installation lacks")
-            + "; set prompt_processor.use_perp_neg: false")
