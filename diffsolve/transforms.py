@@ -149,10 +149,11 @@ def predict_under(model, x, sigma, cond, overrides, batched=True):
     if batched and len(sets) > 1 and all(k in st for st in sets for k in keys):
         b, k = x.shape[0], len(sets)
         merged, shareable = {}, True
+        names = ("uncond", "cond") if k == 2 else [f"condition set {i}" for i in range(k)]
         for key in keys:
             values = [st[key] for st in sets]
             if all(isinstance(v, torch.Tensor) for v in values):
-                merged[key] = torch.cat([_rows(v, b, key, f"condition set {i}") for i, v in enumerate(values)])
+                merged[key] = torch.cat([_rows(v, b, key, name) for name, v in zip(names, values)])
             elif any(isinstance(v, torch.Tensor) for v in values) or any(v != values[0] for v in values[1:]):
                 shareable = False
                 break
