@@ -24,6 +24,8 @@ from diffsolve.runs import RunFolder, RunWarning, environment
 from .diffusers import check_on_unet, tiny_sd_components, unet_dtype_device
 from .threestudio import METHODS, DistillationGuidance
 
+FAMILIES = (None, "sdxl", "sd3", "flux")
+
 PAPER_PROMPTS = (  # appendix D, "List of prompts"
     "A DSLR photo of a hamburger",
     "A blue jay standing on a large basket of rainbow macarons",
@@ -202,9 +204,22 @@ def _load_checkpoint(folder, device):
         return None
 
 
-def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_after=None):
+def _denoising_network(components):
+    """The components' UNet (SD 1.x / 2.x, SDXL) or transformer (SD3, Flux)."""
+    for name in ("unet", "transformer"):
+        net = getattr(components, name, None)
+        if net is not None:
+            return net
+    raise ValueError(f"components {type(components).__name__} have neither a unet nor a transformer")
+
+
+def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_after=None, *, family=None):
     """Optimise a `CoordinateImage` for one prompt with `cfg.method`; returns the model. `prompt_embeds` is
     (cond, uncond), on the UNet's device with its dtype (a ValueError naming both otherwise).
+
+    `family`: None for Stable Diffusion 1.x / 2.x components; "sdxl", "sd3" or "flux" for those families'
+    components (integrations.sdxl / sd3 / flux), with `prompt_embeds` = (cond, uncond) dicts of the family's
+    conditions (see `integrations.modern_guidance.family_guidance`), each tensor on the network's device.
 
     `out_dir` is a RunFolder (diffsolve.runs) held for the call: a second writer is refused (FolderBusy), and
     so is a config other than the one in `out_dir/config.json` except `steps` (RunConflict, a ValueError).
@@ -212,27 +227,42 @@ def run_text2image(components, prompt_embeds, cfg, out_dir, progress=True, stop_
     with weights_only=True; else a warning and a fresh start). `stop_after` ends the run early after that
     many total steps (simulates an interruption)."""
     cfg.validate()
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     check_resolution(components, cfg.resolution)
     cond, uncond = prompt_embeds
-    for name, emb in (("prompt embeddings (cond)", cond), ("prompt embeddings (uncond)", uncond)):
-        check_on_unet(emb, name, components.unet)
-    dtype, device = unet_dtype_device(components.unet)
+    net = _denoising_network(components)
+    sides = (("cond", cond), ("uncond", uncond))
+    for side, emb in sides:
+        for key, t in (emb.items() if family is not None else [("", emb)]):
+            check_on_unet(t, f"prompt embeddings ({side}{' ' + key if key else ''})", net, dtype=family is None)
+    dtype, device = unet_dtype_device(net)
     config = {**json.loads(json.dumps(dataclasses.asdict(cfg))), **environment(device, dtype)}
+    if family is not None:
+        config["family"] = family
     with RunFolder(out_dir, "t2i", config, ignore=("steps",), config_file="config.json") as folder:
-        return _run(folder, components, cond, uncond, cfg, device, progress, stop_after)
+        return _run(folder, components, cond, uncond, cfg, device, progress, stop_after, family)
 
 
-def _run(folder, components, cond, uncond, cfg, device, progress, stop_after):
+def _guidance(components, cond, uncond, cfg, family):
+    """(guidance, prompt_utils) of one run."""
+    kwargs = dict(method=cfg.method, guidance_scale=cfg.guidance_scale, trainer_max_steps=cfg.steps, seed=cfg.seed,
+                  **cfg.guidance_kwargs())
+    if family is None:
+        return DistillationGuidance(components, **kwargs), _PromptUtils(cond, uncond)
+    from .modern_guidance import family_guidance
+    return family_guidance(family, components, cond, uncond, **kwargs)
+
+
+def _run(folder, components, cond, uncond, cfg, device, progress, stop_after, family=None):
     def build():
         torch.manual_seed(cfg.seed)
         model = CoordinateImage(cfg.fourier_features, cfg.fourier_scale, cfg.mlp_width, cfg.mlp_depth).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-        guidance = DistillationGuidance(components, method=cfg.method, guidance_scale=cfg.guidance_scale,
-                                        trainer_max_steps=cfg.steps, seed=cfg.seed, **cfg.guidance_kwargs())
-        return model, opt, guidance
+        guidance, utils = _guidance(components, cond, uncond, cfg, family)
+        return model, opt, guidance, utils
 
-    model, opt, guidance = build()
-    prompt_utils = _PromptUtils(cond, uncond)
+    model, opt, guidance, prompt_utils = build()
     start, log = 0, []
     state = _load_checkpoint(folder, device)
     if state is not None:
@@ -244,7 +274,7 @@ def _run(folder, components, cond, uncond, cfg, device, progress, stop_after):
                 print(f"[t2i] resuming {folder.root} from step {start}")
         except (RuntimeError, TypeError, ValueError, KeyError) as err:
             warnings.warn(f"{folder.path('checkpoint.pt')} does not fit this run ({err}); starting over", RunWarning)
-            (model, opt, guidance), start, log = build(), 0, []
+            (model, opt, guidance, prompt_utils), start, log = build(), 0, []
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     res = cfg.resolution
     converged_at = None
