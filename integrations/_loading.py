@@ -9,10 +9,10 @@ import os
 
 import torch
 
-from .diffusers import _check_dtype_device, _resolve_root
+from .diffusers import _check_dtype_device, _resolve_root, check_on_module, module_dtype_device  # noqa: F401 (re-exported)
 
-__all__ = ["StandInTokenizer", "check_layout", "check_latent_size", "check_on_module", "module_dtype_device",
-           "prepare_root"]
+__all__ = ["StandInTokenizer", "check_layout", "check_latent_size", "check_on_module", "check_prompt_list",
+           "load_text_parts", "module_dtype_device", "prepare_root"]
 
 _WEIGHTS = (".safetensors", ".bin")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
@@ -56,27 +56,30 @@ def check_layout(root, required, optional, family):
     return present
 
 
-def module_dtype_device(module):
-    """(dtype, device) of a module's first floating-point parameter."""
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype, p.device
-    raise ValueError(f"{type(module).__name__} has no floating-point parameters")
+def load_text_parts(root, present, encoder_class, dtype, device, local_files_only):
+    """{name: loaded part} for every tokenizer* / text_encoder* folder in `present`: tokenizers through
+    AutoTokenizer, each encoder through `encoder_class(name)`, in eval mode on `device`."""
+    if not present:
+        return {}
+    from transformers import AutoTokenizer
+    parts = {}
+    for name in sorted(present):
+        if name.startswith("tokenizer"):
+            parts[name] = AutoTokenizer.from_pretrained(root, subfolder=name, local_files_only=local_files_only)
+        else:
+            parts[name] = encoder_class(name).from_pretrained(root, subfolder=name, torch_dtype=dtype,
+                                                              local_files_only=local_files_only).to(device).eval()
+    return parts
 
 
-def check_on_module(tensor, name, module, dtype=True):
-    """ValueError naming both sides unless `tensor` is a floating tensor on `module`'s device (and dtype)."""
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must be a floating-point tensor, got {got}")
-    mod_dtype, mod_device = module_dtype_device(module)
-    what = type(module).__name__
-    if tensor.device != mod_device:
-        raise ValueError(f"{name} is on device {tensor.device} but the {what} is on device {mod_device}; "
-                         f"move it with .to({str(mod_device)!r})")
-    if dtype and tensor.dtype != mod_dtype:
-        raise ValueError(f"{name} has dtype {tensor.dtype} but the {what} has dtype {mod_dtype}; cast it with "
-                         f".to({mod_dtype}) (or build the denoiser with cast=True for mixed precision)")
+def check_prompt_list(prompts):
+    """`prompts` as a non-empty list of strings; a ValueError otherwise (a single string names the fix)."""
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of strings, got a single string; wrap it in a list")
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    return prompts
 
 
 def check_latent_size(height, width, factor, what):

@@ -57,27 +57,39 @@ def denoiser_from_unet(unet, scheduler, quantize=False, cast=False):
                       quantize=quantize)
 
 
-def unet_dtype_device(unet):
-    """(dtype, device) of the UNet's first floating-point parameter."""
-    for p in unet.parameters():
+def module_dtype_device(module, what=None):
+    """(dtype, device) of a module's first floating-point parameter (`what` names it in the error)."""
+    for p in module.parameters():
         if p.is_floating_point():
             return p.dtype, p.device
-    raise ValueError("the UNet has no floating-point parameters")
+    raise ValueError(f"{what or type(module).__name__} has no floating-point parameters")
 
 
-def check_on_unet(tensor, name, unet, dtype=True):
-    """Raise a ValueError naming both sides unless `tensor` is a floating-point tensor on the UNet's device
-    (and, with `dtype=True`, of the UNet's dtype). Called before any model evaluation."""
+def unet_dtype_device(unet):
+    """(dtype, device) of the UNet's first floating-point parameter."""
+    return module_dtype_device(unet, "the UNet")
+
+
+def check_on_module(tensor, name, module, dtype=True, what=None, cast="build the denoiser with cast=True"):
+    """Raise a ValueError naming both sides unless `tensor` is a floating-point tensor on `module`'s device
+    (and, with `dtype=True`, of its dtype); `what` names the module (default: its class), `cast` the way to
+    mixed precision. Called before any model evaluation."""
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
         got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(f"{name} must be a floating-point tensor, got {got}")
-    unet_dtype, unet_device = unet_dtype_device(unet)
-    if tensor.device != unet_device:
-        raise ValueError(f"{name} is on device {tensor.device} but the UNet is on device {unet_device}; "
-                         f"move it with .to({str(unet_device)!r})")
-    if dtype and tensor.dtype != unet_dtype:
-        raise ValueError(f"{name} has dtype {tensor.dtype} but the UNet has dtype {unet_dtype}; cast it with "
-                         f".to({unet_dtype}) (or build SDDenoiser(..., cast=True) for mixed precision)")
+    mod_dtype, mod_device = module_dtype_device(module, what and f"the {what}")
+    what = what or type(module).__name__
+    if tensor.device != mod_device:
+        raise ValueError(f"{name} is on device {tensor.device} but the {what} is on device {mod_device}; "
+                         f"move it with .to({str(mod_device)!r})")
+    if dtype and tensor.dtype != mod_dtype:
+        raise ValueError(f"{name} has dtype {tensor.dtype} but the {what} has dtype {mod_dtype}; cast it with "
+                         f".to({mod_dtype}) (or {cast} for mixed precision)")
+
+
+def check_on_unet(tensor, name, unet, dtype=True):
+    """`check_on_module` for the UNet (the Stable Diffusion integrations' wording)."""
+    check_on_module(tensor, name, unet, dtype, what="UNet", cast="build SDDenoiser(..., cast=True)")
 
 
 def _config(scheduler, key, default):

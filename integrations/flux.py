@@ -21,7 +21,8 @@ import torch
 
 from diffsolve.flow_matching import FlowDenoiser, sigmas_flow_dynamic
 
-from ._loading import check_latent_size, check_layout, check_on_module, module_dtype_device, prepare_root
+from ._loading import (check_latent_size, check_layout, check_on_module, check_prompt_list, load_text_parts,
+                       module_dtype_device, prepare_root)
 
 __all__ = ["FluxComponents", "FluxDenoiser", "FluxVelocity", "encode_prompt", "flux_sigmas", "image_ids",
            "load_flux", "pack", "tiny_flux_components", "unpack"]
@@ -41,6 +42,12 @@ class FluxComponents:
     tokenizer_2: object = None
 
 
+def _text_encoder_class(name):
+    """The transformers class of a text-encoder folder of Flux: CLIP for text_encoder, T5 for text_encoder_2."""
+    from transformers import CLIPTextModel, T5EncoderModel
+    return T5EncoderModel if name == "text_encoder_2" else CLIPTextModel
+
+
 def load_flux(path_or_id, dtype=torch.bfloat16, device="cpu", local_files_only=True, text=True):
     """`FluxComponents` from a diffusers-layout folder (transformer/, vae/, scheduler/; text_encoder*/ and
     tokenizer*/ when present and `text=True`) or a cached Hub id; everything checked before weights are read."""
@@ -53,23 +60,14 @@ def load_flux(path_or_id, dtype=torch.bfloat16, device="cpu", local_files_only=T
         vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kw).to(device).eval(),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler",
                                                                   local_files_only=local_files_only))
-    if present:
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-        for name in sorted(present):
-            if name.startswith("tokenizer"):
-                parts[name] = AutoTokenizer.from_pretrained(root, subfolder=name, local_files_only=local_files_only)
-            else:
-                cls = T5EncoderModel if name == "text_encoder_2" else CLIPTextModel
-                parts[name] = cls.from_pretrained(root, subfolder=name, **kw).to(device).eval()
+    parts.update(load_text_parts(root, present, _text_encoder_class, dtype, device, local_files_only))
     return FluxComponents(**parts)
 
 
 @torch.no_grad()
 def encode_prompt(components, prompts, max_sequence_length=512):
     """(prompt_embeds [B, L, D_t5] from T5, pooled [B, D_clip] from CLIP's pooler), FluxPipeline.encode_prompt's."""
-    if isinstance(prompts, str) or not list(prompts) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    c, prompts = components, list(prompts)
+    c, prompts = components, check_prompt_list(prompts)
     missing = [n for n in _TEXT if getattr(c, n) is None]
     if missing:
         raise ValueError(f"cannot encode prompts: the Flux components have no {', '.join(missing)}; "

@@ -19,7 +19,8 @@ import torch
 
 from diffsolve.flow_matching import FlowDenoiser, sigmas_flow_shift
 
-from ._loading import check_latent_size, check_layout, check_on_module, module_dtype_device, prepare_root
+from ._loading import (check_latent_size, check_layout, check_on_module, check_prompt_list, load_text_parts,
+                       module_dtype_device, prepare_root)
 
 __all__ = ["SD3Components", "SD3Denoiser", "SD3Velocity", "decode", "encode_images", "encode_prompt", "load_sd3",
            "sd3_sigmas", "tiny_sd3_components"]
@@ -41,6 +42,12 @@ class SD3Components:
     tokenizer_3: object = None
 
 
+def _text_encoder_class(name):
+    """The transformers class of a text-encoder folder of SD3: CLIP with projection for text_encoder and text_encoder_2, T5 for text_encoder_3."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    return T5EncoderModel if name == "text_encoder_3" else CLIPTextModelWithProjection
+
+
 def load_sd3(path_or_id, dtype=torch.float32, device="cpu", local_files_only=True, text=True):
     """`SD3Components` from a diffusers-layout folder (transformer/, vae/, scheduler/; with `text=True` also
     every text_encoder*/ and tokenizer*/ present) or a cached Hub id. Everything is checked before any weights
@@ -54,24 +61,8 @@ def load_sd3(path_or_id, dtype=torch.float32, device="cpu", local_files_only=Tru
         vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kw).to(device).eval(),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler",
                                                                   local_files_only=local_files_only))
-    if present:
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-        for name in sorted(present):
-            if name.startswith("tokenizer"):
-                parts[name] = AutoTokenizer.from_pretrained(root, subfolder=name, local_files_only=local_files_only)
-            else:
-                cls = T5EncoderModel if name == "text_encoder_3" else CLIPTextModelWithProjection
-                parts[name] = cls.from_pretrained(root, subfolder=name, **kw).to(device).eval()
+    parts.update(load_text_parts(root, present, _text_encoder_class, dtype, device, local_files_only))
     return SD3Components(**parts)
-
-
-def _check_prompts(prompts):
-    if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of strings, got a single string; wrap it in a list")
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    return prompts
 
 
 def _ids(tokenizer, prompts, length):
@@ -83,7 +74,7 @@ def _ids(tokenizer, prompts, length):
 def encode_prompt(components, prompts, max_sequence_length=256):
     """(prompt_embeds [B, 77 + L, D_t5], pooled [B, D1 + D2]) as StableDiffusion3Pipeline.encode_prompt builds them
     (clip_skip None: penultimate hidden states; no T5 encoder: zeros of the transformer's joint_attention_dim)."""
-    prompts = _check_prompts(prompts)
+    prompts = check_prompt_list(prompts)
     c = components
     missing = [n for n in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2") if getattr(c, n) is None]
     if missing:

@@ -18,7 +18,8 @@ import torch
 
 from diffsolve.denoisers import VPDenoiser
 
-from ._loading import check_latent_size, check_layout, check_on_module, module_dtype_device, prepare_root
+from ._loading import (check_latent_size, check_layout, check_on_module, check_prompt_list, load_text_parts,
+                       module_dtype_device, prepare_root)
 
 __all__ = ["SDXLComponents", "SDXLDenoiser", "SDXLUNet", "encode_prompt", "load_sdxl", "time_ids",
            "tiny_sdxl_components"]
@@ -38,6 +39,12 @@ class SDXLComponents:
     tokenizer_2: object = None
 
 
+def _text_encoder_class(name):
+    """The transformers class of a text-encoder folder of SDXL: CLIP for text_encoder, CLIP with projection for text_encoder_2."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    return CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+
+
 def load_sdxl(path_or_id, dtype=torch.float32, device="cpu", local_files_only=True, text=True):
     """`SDXLComponents` from a diffusers-layout folder (unet/, vae/, scheduler/; text_encoder*/ and tokenizer*/
     when present and `text=True`) or a cached Hub id; all checked before weights are read. The scheduler is
@@ -53,14 +60,7 @@ def load_sdxl(path_or_id, dtype=torch.float32, device="cpu", local_files_only=Tr
     parts = dict(unet=unet, vae=AutoencoderKL.from_pretrained(root, subfolder="vae", **kw).to(device).eval(),
                  scheduler=EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler",
                                                                   local_files_only=local_files_only))
-    if present:
-        from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-        for name in sorted(present):
-            if name.startswith("tokenizer"):
-                parts[name] = AutoTokenizer.from_pretrained(root, subfolder=name, local_files_only=local_files_only)
-            else:
-                cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
-                parts[name] = cls.from_pretrained(root, subfolder=name, **kw).to(device).eval()
+    parts.update(load_text_parts(root, present, _text_encoder_class, dtype, device, local_files_only))
     return SDXLComponents(**parts)
 
 
@@ -68,9 +68,7 @@ def load_sdxl(path_or_id, dtype=torch.float32, device="cpu", local_files_only=Tr
 def encode_prompt(components, prompts):
     """(prompt_embeds [B, 77, D1 + D2], pooled [B, D2]) as StableDiffusionXLPipeline.encode_prompt builds them
     (clip_skip None: penultimate hidden states of both encoders; pooled: the second encoder's projection)."""
-    if isinstance(prompts, str) or not list(prompts) or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
-    c, prompts = components, list(prompts)
+    c, prompts = components, check_prompt_list(prompts)
     missing = [n for n in _TEXT if getattr(c, n) is None]
     if missing:
         raise ValueError(f"cannot encode prompts: the SDXL components have no {', '.join(missing)}; "

@@ -43,7 +43,7 @@ from diffsolve.distill import DISTILLERS, make_distiller, should_stop
 from diffsolve.transforms import cfg, limited_interval
 
 from .diffusers import SDComponents, SDDenoiser, check_on_unet, vae_encode
-from .threestudio_config import C, TIMESTEP_SAMPLINGS, WEIGHTINGS, integer_timestep_class, weighting as ts_weighting
+from .threestudio_config import C, TIMESTEP_SAMPLINGS, integer_timestep_class, weighting as ts_weighting
 
 METHODS = ("msd", "sds", "vsd", "sdi")
 THREESTUDIO_METHODS = METHODS + ("sjc", "ism", "csd", "nfsd")
@@ -98,18 +98,6 @@ class PixelSchedule:
 def pixel_schedule(sigma_min=0.01, sigma_max=20.0, steps=1000):
     """`PixelSchedule(sigma_min, sigma_max, steps)`."""
     return PixelSchedule(sigma_min, sigma_max, steps)
-
-
-def _split_components(components):
-    if isinstance(components, SDComponents):
-        return components.unet, components.vae, components.scheduler
-    parts = list(components)
-    sched = [p for p in parts if hasattr(p, "alphas_cumprod")]
-    vae = [p for p in parts if hasattr(p, "encode") and p not in sched]
-    unet = [p for p in parts if p not in sched and p not in vae]
-    if len(parts) != 3 or not (len(sched) == len(vae) == len(unet) == 1):
-        raise ValueError("components must be SDComponents or a (unet, vae, scheduler) tuple in any order")
-    return unet[0], vae[0], sched[0]
 
 
 def _split_components(components):
