@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .world import BACKGROUND
+
 __all__ = ["VoxelField", "camera_rays", "render", "random_cameras", "trilinear"]
 
 
@@ -90,7 +92,7 @@ def random_cameras(n, generator=None, elevation=(-10.0, 45.0), distance=2.4):
             "camera_distances": torch.full((n,), float(distance))}
 
 
-def render(density, rgb, elevation, azimuth, distance, size=32, samples=32, background=1.0, fov=45.0):
+def render(density, rgb, elevation, azimuth, distance, size=32, samples=32, background=BACKGROUND, fov=45.0):
     """Images [B, 3, size, size] in [0, 1] of the field (density [1, R, R, R] >= 0, rgb [3, R, R, R] in
     [0, 1], both indexed [z, y, x]) from each camera; differentiable in density and rgb."""
     if density.ndim != 4 or density.shape[0] != 1 or rgb.shape != (3,) + density.shape[1:]:

@@ -5,16 +5,18 @@ Coordinates: the world cube [-1, 1]^3, y up; a shape's front faces +x (azimuth 0
 palette, with a part of a distinct colour on its front only, so that a front drawn on the back of a
 volume is visible in its renders (the "Janus" failure). A shape is an occupancy function of points,
 sampled on a voxel grid (`occupancy_grid`); `field_of` turns it into the density and colour grids the
-renderer reads.
+renderer reads. The renderer composites onto `BACKGROUND` (black), a colour no shape is painted in, so that
+every part of every shape (the snowman's white body, the car's white cabin) stands out from it.
 """
 import torch
 
-__all__ = ["CLASSES", "PALETTE", "occupancy", "colour", "occupancy_grid", "field_of", "voxel_centres"]
+__all__ = ["BACKGROUND", "CLASSES", "PALETTE", "occupancy", "colour", "occupancy_grid", "field_of", "voxel_centres"]
 
 # the palette every shape is coloured from (RGB in [0, 1])
 PALETTE = {"red": (0.85, 0.15, 0.15), "green": (0.2, 0.7, 0.25), "blue": (0.2, 0.35, 0.85),
            "yellow": (0.95, 0.85, 0.2), "grey": (0.55, 0.55, 0.55), "brown": (0.55, 0.35, 0.2),
            "orange": (0.95, 0.55, 0.1), "white": (0.95, 0.95, 0.95)}
+BACKGROUND = 0.0  # the renders' background grey level: black, darker than every palette colour
 
 
 def _box(p, centre, half):
@@ -78,16 +80,26 @@ def voxel_centres(resolution, dtype=torch.float32):
     return torch.stack([x, y, z], -1)
 
 
+def _supersampled(cls, resolution, supersample):
+    """(occupancy fraction [R, R, R], inside-mean colour [3, R, R, R]) from supersample^3 points per voxel."""
+    r, s = resolution, supersample
+    pts = voxel_centres(r * s, torch.float64)
+    fine = occupancy(cls, pts).double()
+    rgb = colour(cls, pts)  # 0 outside
+    blocks = lambda t: t.reshape(r, s, r, s, r, s, *t.shape[3:]).sum((1, 3, 5))  # noqa: E731
+    count = blocks(fine)
+    mean_rgb = blocks(rgb) / count.clamp(min=1)[..., None]
+    return (count / s ** 3).float(), mean_rgb.permute(3, 0, 1, 2).float()
+
+
 def occupancy_grid(cls, resolution=32, supersample=2):
     """Fraction of each voxel inside the shape ([R, R, R] in [0, 1]), from supersample^3 points per voxel."""
-    fine = occupancy(cls, voxel_centres(resolution * supersample, torch.float64)).double()
-    r, s = resolution, supersample
-    return fine.reshape(r, s, r, s, r, s).mean((1, 3, 5)).float()
+    return _supersampled(cls, resolution, supersample)[0]
 
 
-def field_of(cls, resolution=32, density=40.0):
+def field_of(cls, resolution=32, density=40.0, supersample=2):
     """The true shape as the renderer's field: (density [1, R, R, R] = density * occupancy fraction,
-    colour [3, R, R, R] in [0, 1])."""
-    occ = occupancy_grid(cls, resolution)
-    rgb = colour(cls, voxel_centres(resolution)).permute(3, 0, 1, 2)
+    colour [3, R, R, R] in [0, 1]: the mean colour of the voxel's inside points, so that a voxel the shape
+    only partly fills has the shape's colour, not the empty space's)."""
+    occ, rgb = _supersampled(cls, resolution, supersample)
     return density * occ[None], rgb
