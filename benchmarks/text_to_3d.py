@@ -72,7 +72,7 @@ def turntables(res, out_dir, fig_dir, name, seed=0):
         for key, rec in res["runs"].items():
             r = rec["run"]
             if r["cls"] == cls and r["seed"] == seed:
-                label = r["method"] + ("+paper" if r["heuristics"] == "paper" else "")
+                label = study.variant(r)
                 rows.append((f"{label}  IoU {rec['final']['iou']:.2f}", np.load(folder / f"{study._slug(key)}.npy")))
         fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.1 * len(rows)))
         for ax, (label, views) in zip(np.atleast_1d(axes), rows):

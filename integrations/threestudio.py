@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from diffsolve.distill import DISTILLERS, make_distiller, should_stop
-from diffsolve.transforms import cfg, limited_interval
+from diffsolve.transforms import autoguidance, cfg, limited_interval
 
 from .diffusers import SDComponents, SDDenoiser, check_on_unet, vae_encode
 from .threestudio_config import C, TIMESTEP_SAMPLINGS, integer_timestep_class, weighting as ts_weighting
@@ -131,6 +131,9 @@ class DistillationGuidance(torch.nn.Module):
     Non-finite gradients: `nonfinite="raise"` (default) lets the distiller's error through (it names the
     distiller, the sigma and the step); `nonfinite="nan_to_num"` is threestudio's behaviour (NaN -> 0,
     inf -> the largest float), and every call where it replaced something is counted in `nonfinite_calls`.
+    Autoguidance (Karras et al. 2024): `guide=` a weaker denoiser with the prior's call signature; it takes the
+    unconditional's place, called with the conditional arguments (the class and the camera on the pixel
+    path), at `guidance_scale` in the method's convention (not with Perp-Neg prompts).
     Any denoiser with SDDenoiser's interface D(x, sigma, encoder_hidden_states=...) can stand in for the
     UNet: pass `denoiser=` with `scheduler=` (its `alphas_cumprod`) and, for the RGB path, `vae=`."""
 
@@ -140,7 +143,7 @@ class DistillationGuidance(torch.nn.Module):
                  terminate_below=1e-2, nonfinite="raise", *, parity="diffsolve", denoiser=None, vae=None,
                  scheduler=None, timestep_sampling=None, image_size=512, latent_size=64, t_anneal=True,
                  guidance_scale_lora=1.0, lora_n_timestamp_samples=1, lora_rank=4, camera_condition_type="extrinsics",
-                 lora_cfg_training=True, pixels=False, **distiller_kwargs):
+                 lora_cfg_training=True, pixels=False, guide=None, **distiller_kwargs):
         super().__init__()
         if parity not in PARITIES:
             raise ValueError(f"parity must be one of {PARITIES}, got {parity!r}")
@@ -155,6 +158,9 @@ class DistillationGuidance(torch.nn.Module):
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         self.nonfinite, self.nonfinite_calls, self.parity = nonfinite, 0, parity
+        if guide is not None and not callable(guide):
+            raise ValueError(f"guide must be a denoiser (callable), got {type(guide).__name__}")
+        self.guide = guide
         if not (0 < bandwidth_end <= bandwidth_start):
             raise ValueError(f"need 0 < bandwidth_end <= bandwidth_start, got {bandwidth_end}, {bandwidth_start}")
         sampling = timestep_sampling or ("timesteps" if parity == "threestudio" else "karras")
@@ -293,8 +299,9 @@ class DistillationGuidance(torch.nn.Module):
     def _embeddings(self, prompt_utils, elevation, azimuth, camera_distances, batch):
         self._perp = None
         if hasattr(prompt_utils, "use_perp_neg") and prompt_utils.use_perp_neg:  # threestudio's PromptProcessorOutput
-            if self.parity != "threestudio" or self.guidance_interval is not None:
-                raise ValueError("prompt_utils.use_perp_neg needs parity='threestudio' and no guidance_interval")
+            if self.parity != "threestudio" or self.guidance_interval is not None or self.guide is not None:
+                raise ValueError("prompt_utils.use_perp_neg needs parity='threestudio', no guidance_interval and "
+                                 "no guide")
             from .threestudio_perpneg import perp_neg_conditions
             cond, uncond, negatives, weights = perp_neg_conditions(
                 prompt_utils, elevation, azimuth, camera_distances, self.view_dependent_prompting, batch)
@@ -327,7 +334,10 @@ class DistillationGuidance(torch.nn.Module):
             guidance = ThreestudioPerpNeg(self.guidance_scale, override,
                                           [{"encoder_hidden_states": n} for n in negatives], weights)
             return {"extra_args": extra, "transforms": [guidance]}
-        guidance = cfg(self.guidance_scale, uncond=override, convention=convention)
+        if self.guide is not None:
+            guidance = autoguidance(self.guide, self.guidance_scale, convention=convention)
+        else:
+            guidance = cfg(self.guidance_scale, uncond=override, convention=convention)
         if self.guidance_interval is not None:
             guidance = limited_interval(guidance, *self.guidance_interval)
         return {"extra_args": extra, "transforms": [guidance]}

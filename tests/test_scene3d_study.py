@@ -64,6 +64,46 @@ def test_pixel_guidance_sds_gradient_by_hand():
     assert grad.abs().max() > 1e-3  # the camera and class terms reach the gradient
 
 
+class NullIsGuide(torch.nn.Module):
+    """`prior` for a real class; for the null class, `guide`'s output with the real class and camera."""
+
+    def __init__(self, prior, guide, cls):
+        super().__init__()
+        self.prior, self.guide, self.cls = prior, guide, cls
+
+    def forward(self, x, sigma, class_labels=None, elevation=0.0, azimuth=0.0):
+        real = class_labels != NULL
+        cond = self.prior(x, sigma, torch.where(real, class_labels, self.cls), elevation, azimuth)
+        guided = self.guide(x, sigma, torch.where(real, class_labels, self.cls), elevation, azimuth)
+        return torch.where(real[:, None, None, None], cond, guided)
+
+
+@pytest.mark.parametrize("method", ["sds", "msd", "csd"])
+def test_pixel_guidance_autoguidance_is_cfg_with_the_guide_as_unconditional(method):
+    # autoguidance replaces D_u by the guide's D(x | class, camera): the same gradient as CFG on a model whose
+    # null class answers with the guide's conditional output (an independent construction of the same field)
+    prior = Recording()
+    guide = Recording()
+    guide.forward = lambda x, sigma, class_labels=None, elevation=0.0, azimuth=0.0: (  # a weaker, shifted model
+        Recording.forward(guide, x, sigma, class_labels, elevation, azimuth) * 0.7 + 0.05)
+    rgb = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(3))
+    cams = (torch.tensor([0.0, 20.0]), torch.tensor([0.0, 90.0]), torch.full((2,), 2.4))
+    opts = dict(method=method, guidance_scale=2.0, parity="threestudio", pixels=True, scheduler=pixel_schedule(),
+                seed=4, **({"steps": 2} if method == "msd" else {}))
+    key = {"sds": "loss_sds", "msd": "loss_msd", "csd": "loss_csd"}[method]
+    grads = []
+    for g in (DistillationGuidance(denoiser=prior, guide=guide, **opts),
+              DistillationGuidance(denoiser=NullIsGuide(prior, guide, 1), **opts),
+              DistillationGuidance(denoiser=prior, **opts)):  # plain CFG: must differ
+        x = rgb.clone().requires_grad_()
+        g(x, PixelConditions(1, NULL), *cams)[key].backward()
+        grads.append(x.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert (grads[0] - grads[2]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guide must be a denoiser"):
+        DistillationGuidance(denoiser=prior, guide=3.0, **opts)
+
+
 def test_pixel_guidance_methods_and_errors():
     den = Recording()
     rgb = torch.rand(2, 32, 32, 3)
@@ -96,7 +136,7 @@ def quick(tmp_path_factory):
 def test_quick_study_runs_every_distiller_at_equal_calls(quick):
     cfg, _, res = quick
     runs = res["runs"]
-    assert len(runs) == len(study.plan(cfg)) == len(METHODS) + 1
+    assert len(runs) == len(study.plan(cfg)) == len(METHODS) + 1 + len(cfg.autoguidance)
     assert {r["run"]["method"] for r in runs.values()} == set(METHODS)
     for key, r in runs.items():
         # the rule: never above the budget, within the last step's cost of it
@@ -104,17 +144,21 @@ def test_quick_study_runs_every_distiller_at_equal_calls(quick):
         assert set(study.METRICS) <= set(r["final"]) and all(math.isfinite(r["final"][m]) for m in study.METRICS)
     assert runs["sds/tower/w3/none/seed0"]["nfe"] == cfg.budget  # 2 calls a step, divides the budget
     assert runs["sds/tower/w3/none/seed0"]["steps"] == cfg.budget // 2
-    assert set(res["summary"]) == set(METHODS) | {"msd+paper"}
+    assert set(res["summary"]) == set(METHODS) | {"msd+paper", "sds+autoguidance", "msd+autoguidance"}
     assert "w3" in res["prior_check"] and "msd-sds/iou" in res["comparisons"]
+    assert "msd+autoguidance-sds+autoguidance/iou" in res["comparisons"]
+    # autoguidance's fields are guided by the weak prior: same seed and cameras, another field
+    auto, plain = runs["msd/tower/w3/none/seed0/autoguidance"], runs["msd/tower/w3/none/seed0"]
+    assert auto["final"]["view_error"] != plain["final"]["view_error"]
 
 
 def test_quick_study_reuses_and_resumes(quick, tmp_path):
     cfg, out, first = quick
     again = study.run_study(cfg, out, progress=False)
     assert again["computed_this_call"] == 0 and again["runs"] == first["runs"]
-    sub = replace(cfg, methods=("sds", "msd"), msd_paper=False)
+    sub = replace(cfg, methods=("sds", "msd"), msd_paper=False, autoguidance=("msd",))
     part = study.run_study(sub, tmp_path, progress=False, stop_after=1)
     assert part["computed_this_call"] == 1 and len(part["runs"]) == 1
     done = study.run_study(sub, tmp_path, progress=False)
-    assert done["computed_this_call"] == 1
+    assert done["computed_this_call"] == 2
     assert {k: _strip(v) for k, v in done["runs"].items()} == {k: _strip(first["runs"][k]) for k in done["runs"]}

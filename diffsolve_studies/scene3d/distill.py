@@ -25,25 +25,28 @@ from .model import NULL_CLASS
 from .render import VoxelField, random_cameras
 from .world import CLASSES
 
-__all__ = ["HEURISTICS", "METHODS", "SCHEDULE_STEPS", "FieldRun", "guidance_for", "optimise_field"]
+__all__ = ["GUIDES", "HEURISTICS", "METHODS", "SCHEDULE_STEPS", "FieldRun", "guidance_for", "optimise_field"]
 
 METHODS = tuple(DISTILLERS)  # sds, msd, vsd, sdi, sdi_official, ism, csd, nfsd, sjc
 HEURISTICS = ("none", "paper")  # "paper": §4.3, CFG (and MSD's kernel) only in `interval`, MSD centred on inversion
+GUIDES = ("cfg", "autoguidance")  # the unconditional: the null class, or the weak prior with the class (Karras 2024)
 SCHEDULE_STEPS = 1000  # the guidance's trainer_max_steps: its schedules run over this many budget positions
 
 
 @dataclass(frozen=True)
 class FieldRun:
-    """One field: a method on one class from one seed, at guidance w, with or without the heuristics."""
+    """One field: a method on one class from one seed, at guidance w, with or without the heuristics, guided
+    by CFG or by autoguidance."""
     method: str
     cls: str
     seed: int = 0
     scale: float = 3.0
     heuristics: str = "none"
+    guide: str = "cfg"
 
     def __post_init__(self):
         for name, value, allowed in (("method", self.method, METHODS), ("cls", self.cls, CLASSES),
-                                     ("heuristics", self.heuristics, HEURISTICS)):
+                                     ("heuristics", self.heuristics, HEURISTICS), ("guide", self.guide, GUIDES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if int(self.seed) != self.seed or self.seed < 0:
@@ -53,7 +56,8 @@ class FieldRun:
 
     @property
     def key(self):
-        return f"{self.method}/{self.cls}/w{self.scale:g}/{self.heuristics}/seed{self.seed}"
+        tail = "" if self.guide == "cfg" else f"/{self.guide}"
+        return f"{self.method}/{self.cls}/w{self.scale:g}/{self.heuristics}/seed{self.seed}{tail}"
 
 
 class ViewConditioned(torch.nn.Module):
@@ -68,8 +72,11 @@ class ViewConditioned(torch.nn.Module):
         return self.net(x, sigma, **self.cond)
 
 
-def guidance_for(run, prior, cfg):
-    """The run's DistillationGuidance on the pixel prior (see the module docstring for the options)."""
+def guidance_for(run, prior, cfg, weak=None):
+    """The run's DistillationGuidance on the pixel prior (see the module docstring for the options); `weak`
+    is autoguidance's guide (needed when run.guide == "autoguidance")."""
+    if (run.guide == "autoguidance") != (weak is not None):
+        raise ValueError(f"{run.key}: autoguidance needs the weak prior, and only it takes one")
     convention = CONVENTIONS[run.method]
     scale = run.scale if convention == "paper" else 1 + run.scale
     extra = {}
@@ -88,17 +95,18 @@ def guidance_for(run, prior, cfg):
         scheduler=pixel_schedule(*cfg.schedule_sigma), min_step_percent=cfg.step_percent[0],
         max_step_percent=cfg.step_percent[1], trainer_max_steps=SCHEDULE_STEPS, seed=run.seed,
         guidance_interval=tuple(cfg.interval) if run.heuristics == "paper" else None,
-        bandwidth_start=cfg.lam_start, bandwidth_end=cfg.lam_end, nonfinite="nan_to_num", **extra)
+        bandwidth_start=cfg.lam_start, bandwidth_end=cfg.lam_end, nonfinite="nan_to_num", guide=weak, **extra)
     return g, trainer
 
 
-def optimise_field(run, prior, cfg, progress=None):
-    """Optimise a VoxelField for `run` to the budget; returns (field, record) with the step count, the model
-    calls per view (nfe) and the guidance's non-finite count."""
-    for p in prior.parameters():
-        p.requires_grad_(False)
+def optimise_field(run, prior, cfg, progress=None, weak=None):
+    """Optimise a VoxelField for `run` to the budget (`weak`: autoguidance's guide); returns (field, record)
+    with the step count, the model calls per view (nfe) and the guidance's non-finite count."""
+    for net in (prior, weak):
+        for p in ([] if net is None else net.parameters()):
+            p.requires_grad_(False)
     torch.manual_seed(run.seed)  # nothing should draw from the global generator; pinned regardless
-    guidance, trainer = guidance_for(run, prior, cfg)
+    guidance, trainer = guidance_for(run, prior, cfg, weak)
     field = VoxelField(cfg.resolution, init_density=cfg.init_density)
     opt = torch.optim.Adam(field.parameters(), lr=cfg.lr)
     cams_gen = torch.Generator().manual_seed(10_000 + run.seed)

@@ -32,7 +32,8 @@ from .evaluate import HELDOUT_AZIMUTHS, field_metrics, heldout_cameras, real_fea
 from .model import NULL_CLASS
 from .world import CLASSES
 
-__all__ = ["METRICS", "Text3DConfig", "compare", "plan", "prior_check", "quick_config", "run_study", "summarise"]
+__all__ = ["METRICS", "PAIRS", "Text3DConfig", "compare", "plan", "prior_check", "quick_config", "run_study", "summarise",
+           "variant"]
 
 METRICS = ("iou", "iou_opacity_0.1", "view_error", "accuracy", "fd", "janus")
 
@@ -45,6 +46,7 @@ class Text3DConfig:
     methods: tuple = METHODS
     scale: float = 3.0              # CFG w, paper convention c + w (c - u) (1 + w for u + s (c - u) methods)
     msd_paper: bool = True          # also MSD with the paper's §4.3 heuristics (interval CFG / kernel, inversion)
+    autoguidance: tuple = ("sds", "msd")  # these methods also run with autoguidance (the weak prior as guide)
     budget: int = 400               # model calls per view per field (CFG counts 2)
     views: int = 4                  # views rendered per step
     resolution: int = 32            # the field's voxel grid (the truth's IoU grid follows it)
@@ -80,6 +82,7 @@ def plan(cfg):
             runs += [FieldRun(m, cls, seed, cfg.scale) for m in cfg.methods]
             if cfg.msd_paper and "msd" in cfg.methods:
                 runs.append(FieldRun("msd", cls, seed, cfg.scale, "paper"))
+            runs += [FieldRun(m, cls, seed, cfg.scale, guide="autoguidance") for m in cfg.autoguidance]
     return runs
 
 
@@ -176,7 +179,8 @@ def run_study(cfg, out_dir, cache_dir=None, progress=True, name="text_to_3d", st
         if stop_after is not None and done >= stop_after:
             break
         start = time.perf_counter()
-        field, record = optimise_field(r, models["prior"], cfg)
+        weak = models["weak"] if r.guide == "autoguidance" else None
+        field, record = optimise_field(r, models["prior"], cfg, weak=weak)
         with torch.no_grad():
             density, rgb = field.fields()
             metrics = field_metrics(density, rgb, r.cls, models["classifier"], ref)
@@ -197,15 +201,16 @@ def run_study(cfg, out_dir, cache_dir=None, progress=True, name="text_to_3d", st
     return results
 
 
-def _variant(run):
-    return run["method"] + ("+paper" if run["heuristics"] == "paper" else "")
+def variant(run):
+    return (run["method"] + ("+paper" if run["heuristics"] == "paper" else "")
+            + ("+autoguidance" if run["guide"] == "autoguidance" else ""))
 
 
 def summarise(results, cfg):
     """Per method variant: mean and std of every metric over all its (class, seed) fields, and the calls."""
     groups = {}
     for rec in results["runs"].values():
-        groups.setdefault(_variant(rec["run"]), []).append(rec)
+        groups.setdefault(variant(rec["run"]), []).append(rec)
     out = {}
     for v, recs in groups.items():
         row = {"fields": len(recs), "nfe": [r["nfe"] for r in recs][0] if len({r["nfe"] for r in recs}) == 1
@@ -217,21 +222,24 @@ def summarise(results, cfg):
     return out
 
 
-def compare(results, cfg, baseline="sds", others=("msd", "msd+paper")):
-    """Paired differences (other - baseline) over (class, seed) for IoU and Janus: mean, std, and whether the
-    difference lies beyond the spread (every pair has the same sign and |mean| > 2 standard errors)."""
+PAIRS = (("msd", "sds"), ("msd+paper", "sds"), ("msd+autoguidance", "sds+autoguidance"))
+
+
+def compare(results, cfg, pairs=PAIRS):
+    """Paired differences (variant - its baseline) over (class, seed) for IoU and Janus: mean, std, and whether
+    the difference lies beyond the spread (every pair has the same sign and |mean| > 2 standard errors)."""
     by = {}
     for rec in results["runs"].values():
         r = rec["run"]
-        by[(_variant(r), r["cls"], r["seed"])] = rec["final"]
+        by[(variant(r), r["cls"], r["seed"])] = rec["final"]
     out = {}
-    for other in others:
+    for other, baseline in pairs:
         for m in ("iou", "iou_opacity_0.1", "janus"):
-            pairs = [by[(other, c, s)][m] - by[(baseline, c, s)][m] for (v, c, s) in by
-                     if v == other and (baseline, c, s) in by]
-            if not pairs:
+            pairs_m = [by[(other, c, s)][m] - by[(baseline, c, s)][m] for (v, c, s) in by
+                       if v == other and (baseline, c, s) in by]
+            if not pairs_m:
                 continue
-            d = np.array(pairs)
+            d = np.array(pairs_m)
             se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("inf")
             out[f"{other}-{baseline}/{m}"] = {
                 "pairs": len(d), "mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else None,
