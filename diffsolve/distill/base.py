@@ -250,5 +250,12 @@ class NoisyDistiller(Distiller):
         u = call.draws.rand(x.shape[0], x.device)
         return sigma_from_uniform(u, self.sigma_min, self.sigma_max, self.sigma_sampling, self.rho).to(x.dtype)
 
+    def noised(self, x, call):
+        """One draw of the forward process z = x + sigma n: (sigma [B], sigma broadcast to x, n, z)."""
+        sigma = self.draw_sigma(x, call)
+        n = call.draws.randn(x)
+        s = append_dims(sigma, x.ndim)
+        return sigma, s, n, x + s * n
+
     def weighted(self, sigma, g):
         return append_dims(weight(sigma, self.weighting), g.ndim) * g

@@ -16,7 +16,6 @@ is not implemented.
 """
 import math
 
-from ..denoisers import append_dims
 from ..transforms import Guidance
 from .base import NoisyDistiller
 
@@ -69,9 +68,6 @@ class CSD(NoisyDistiller):
 
     def _grad(self, x, call):
         parts = guidance_parts(call, self.name)
-        sigma = self.draw_sigma(x, call)
-        n = call.draws.randn(x)
-        s = append_dims(sigma, x.ndim)
-        z = x + s * n
+        sigma, s, n, z = self.noised(x, call)
         scale = parts.s if self.scale is None else self.scale
         return self.weighted(sigma, scale * (parts.uncond(z, sigma) - parts.cond(z, sigma)) / s)

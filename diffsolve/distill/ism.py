@@ -25,9 +25,6 @@ Cost per call: ceil((s - t0) / 200) (at least 1) unconditional evaluations + 1 g
 """
 import math
 
-import torch
-
-from ..denoisers import append_dims
 from .base import NoisyDistiller
 from .csd import guidance_parts
 from .sjc import TimestepGrid, sd_sigmas

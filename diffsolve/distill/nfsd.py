@@ -62,10 +62,7 @@ class NFSD(NoisyDistiller):
 
     def _grad(self, x, call):
         parts = guidance_parts(call, self.name)
-        sigma = self.draw_sigma(x, call)
-        n = call.draws.randn(x)
-        s = append_dims(sigma, x.ndim)
-        z = x + s * n
+        sigma, s, n, z = self.noised(x, call)
         d_u, d_c = parts.uncond(z, sigma), parts.cond(z, sigma)
         delta_c = (d_u - d_c) / s
         low = append_dims(sigma < self.sigma_threshold, x.ndim)

@@ -1,5 +1,4 @@
 """Score distillation sampling (Poole et al. 2022; paper eq. 1) in VE coordinates."""
-from ..denoisers import append_dims
 from .base import NoisyDistiller
 
 __all__ = ["SDS"]
@@ -20,9 +19,6 @@ class SDS(NoisyDistiller):
         self.control_variate = bool(control_variate)
 
     def _grad(self, x, call):
-        sigma = self.draw_sigma(x, call)
-        n = call.draws.randn(x)
-        s = append_dims(sigma, x.ndim)
-        z = x + s * n
+        sigma, s, n, z = self.noised(x, call)
         eps = (z - call.denoiser()(z, sigma, **call.extra_args).to(x.dtype)) / s
         return self.weighted(sigma, eps - n if self.control_variate else eps)

@@ -15,7 +15,6 @@ uniform weighting and index-uniform sigma: the difference from SDS here is the s
 """
 import torch
 
-from ..denoisers import append_dims
 from .base import NoisyDistiller
 
 __all__ = ["SJC", "TimestepGrid", "sd_sigmas"]
@@ -100,10 +99,7 @@ class SJC(NoisyDistiller):
         return sigma.to(x.dtype)
 
     def _grad(self, x, call):
-        sigma = self.draw_sigma(x, call)
-        n = call.draws.randn(x)
-        s = append_dims(sigma, x.ndim)
-        z = x + s * n
+        sigma, s, n, z = self.noised(x, call)
         d = call.denoiser()(z, sigma, **call.extra_args).to(x.dtype)
         return self.weighted(sigma, ((x if self.var_red else z) - d) / s)
 

@@ -39,10 +39,7 @@ class VSD(NoisyDistiller):
         if self.variational is None:
             raise ValueError("VSD has no variational denoiser yet: pass `variational=` or call on_step / update "
                              "with the particles first")
-        sigma = self.draw_sigma(x, call)
-        n = call.draws.randn(x)
-        s = append_dims(sigma, x.ndim)
-        z = x + s * n
+        sigma, s, n, z = self.noised(x, call)
         d_pre = call.denoiser()(z, sigma, **call.extra_args).to(x.dtype)
         d_phi = call.denoiser(transforms=(), model=self.variational)(z, sigma).to(x.dtype)
         return self.weighted(sigma, (d_phi - d_pre) / s)
