@@ -3,6 +3,23 @@ imported inside them so that the core tests run without it."""
 import torch
 
 
+def markdown_table(text, section, first_cell=None):
+    """Rows (stripped cells, the header row kept, the |---| separator dropped) of the first markdown table from
+    `section` on (up to the next "## " heading), or of the one whose header row starts with `first_cell`."""
+    lines = text[text.index(section):].splitlines()
+    lines = lines[:next((i for i, line in enumerate(lines) if i and line.startswith("## ")), len(lines))]
+    head = "|" if first_cell is None else f"| {first_cell} |"
+    start = next(i for i, line in enumerate(lines) if line.startswith(head))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not all(set(c) <= set("-:") for c in cells):
+            rows.append(cells)
+    return rows
+
+
 def tiny_sd_scheduler(**overrides):
     """Stable Diffusion's DDIM scheduler config with `overrides` (see integrations.diffusers)."""
     from diffsolve.integrations.diffusers import tiny_sd_scheduler as build

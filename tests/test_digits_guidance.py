@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_readme_table import readme_table
+from conftest import markdown_table
 
 from diffsolve_studies.digits import study
 from diffsolve_studies.digits.run import load_testbed
@@ -83,7 +83,7 @@ def test_cfg_pp_does_not_apply_to_sds():
 
 
 def _section_tables(text, section="## Guidance methods"):
-    """Every markdown table of `section` (up to the next '## ' heading), as readme_table reads one."""
+    """Every markdown table of `section` (up to the next '## ' heading), as markdown_table reads one."""
     body = text[text.index(section):]
     end = body.find("\n## ", 1)
     body = body if end < 0 else body[:end]
@@ -92,7 +92,7 @@ def _section_tables(text, section="## Guidance methods"):
         start = body.find("\n|", pos)
         if start < 0:
             return tables
-        tables.append(readme_table(body[start:], "|"))
+        tables.append(markdown_table(body[start:], "|"))
         stop = body.find("\n\n", start + 1)
         pos = len(body) if stop < 0 else stop
 

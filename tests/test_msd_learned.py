@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,29 +81,12 @@ def test_digits_quick_runs_at_equal_calls(tmp_path, monkeypatch):
     assert "| pixels | one call | loglinear |" in d.markdown(res)
 
 
-def _section_table(text, section, first_cell):
-    """The rows (stripped cells) of the markdown table in `section` whose header row starts with `first_cell`."""
-    body = text[text.index(section):]
-    lines = body.splitlines()[1:]
-    end = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
-    lines = lines[:end]
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell} |"))
-    rows = []
-    for line in lines[start + 1:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not all(set(c) <= set("-:") for c in cells):
-            rows.append(cells)
-    return rows
-
-
 def test_results_md_section_is_the_committed_json():
     m = _load("msd_learned")
     data = json.loads((ROOT / "benchmarks" / "results" / "msd_learned.json").read_text())
     text, section = (ROOT / "docs" / "results.md").read_text(), "## MSD estimators on the learned models"
-    assert _section_table(text, section, "estimator") == m.markdown_rows(data)
-    assert _section_table(text, section, "estimator (exact denoiser)") == m.bias_rows(data)
+    assert markdown_table(text, section, "estimator")[1:] == m.markdown_rows(data)
+    assert markdown_table(text, section, "estimator (exact denoiser)")[1:] == m.bias_rows(data)
 
 
 def test_digits_md_section_is_the_committed_json():
@@ -110,5 +94,5 @@ def test_digits_md_section_is_the_committed_json():
     data = json.loads((ROOT / "benchmarks" / "results" / "digits_msd.json").read_text())
     text = (ROOT / "docs" / "digits.md").read_text()
     section = "## MSD estimators and adaptive bandwidth"
-    assert _section_table(text, section, "param") == d.markdown_rows(data)
-    assert _section_table(text, section, "lambda") == d.off_rows(data)
+    assert markdown_table(text, section, "param")[1:] == d.markdown_rows(data)
+    assert markdown_table(text, section, "lambda")[1:] == d.off_rows(data)

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from conftest import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,24 +16,10 @@ def _benchmark():
     return module
 
 
-def readme_table(text, section="## Measured"):
-    """The first markdown table after `section`: rows of stripped cells, the |---| separator dropped."""
-    lines = text[text.index(section):].splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    rows = []
-    for line in lines[start:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not all(set(c) <= set("-:") for c in cells):
-            rows.append(cells)
-    return rows
-
-
 def test_readme_table_is_the_committed_json():
     data = json.loads((ROOT / "benchmarks" / "results" / "solver_overhead.json").read_text())
     expected = _benchmark().markdown_rows(data)
-    got = readme_table((ROOT / "README.md").read_text())
+    got = markdown_table((ROOT / "README.md").read_text(), "## Measured")
     assert len(got) == len(expected), f"README has {len(got)} rows, the JSON {len(expected)}"
     for i, (row, want) in enumerate(zip(got, expected)):
         assert row == want, f"README table row {i}: {row} != {want} (from the JSON)"
