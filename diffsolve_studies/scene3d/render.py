@@ -35,15 +35,17 @@ def trilinear(volume, points):
     """Trilinear samples [..., C] of volume [C, R, R, R] (indexed [z, y, x], voxel centres at
     (i + 0.5) / R * 2 - 1) at points [..., 3] = (x, y, z); zero outside the grid (the same values as
     3-D `grid_sample` with zero padding, which is several times slower on a CPU). The volume is padded
-    with zeros (one voxel below, two above) so that the eight corners are plain offsets of one index."""
+    with zeros (one voxel below, two above) so that the eight corners are plain offsets of one index, and
+    gathered channel-first with `index_select` (an order of magnitude faster than row-wise `embedding`,
+    forward and backward, on a CPU)."""
     C, R = volume.shape[0], volume.shape[-1]
     P = R + 3
-    padded = torch.nn.functional.pad(volume, (1, 2, 1, 2, 1, 2)).reshape(C, -1).t()  # [(R + 3)^3, C]
-    u = ((points + 1) * (R / 2) - 0.5).clamp(-1.0, float(R))  # beyond the pad every corner is zero
+    padded = torch.nn.functional.pad(volume, (1, 2, 1, 2, 1, 2)).reshape(C, -1)  # [C, (R + 3)^3]
+    u = ((points + 1) * (R / 2) - 0.5).clamp(-1.0, float(R)).reshape(-1, 3)  # beyond the pad every corner is 0
     i0 = torch.floor(u)
     f = u - i0
     i0 = i0.long() + 1
-    base = (i0[..., 2] * P + i0[..., 1]) * P + i0[..., 0]
+    base = (i0[:, 2] * P + i0[:, 1]) * P + i0[:, 0]
     fx, fy, fz = f.unbind(-1)
     wx, wy, wz = (1 - fx, fx), (1 - fy, fy), (1 - fz, fz)
     out = 0
@@ -51,9 +53,9 @@ def trilinear(volume, points):
         for dy in (0, 1):
             w_zy = wz[dz] * wy[dy]
             for dx in (0, 1):
-                corner = torch.nn.functional.embedding(base + ((dz * P + dy) * P + dx), padded)
-                out = out + (w_zy * wx[dx])[..., None] * corner
-    return out
+                corner = padded.index_select(1, base + ((dz * P + dy) * P + dx))  # [C, N]
+                out = out + (w_zy * wx[dx]) * corner
+    return out.reshape(C, *points.shape[:-1]).movedim(0, -1)
 
 
 def box_interval(eye, dirs):
