@@ -51,7 +51,7 @@ def markdown(res):
     for v, r in sorted(res["summary"].items(), key=lambda kv: -kv[1]["iou"]["mean"]):
         lines.append(f"| {v} | {r['fields']} | {r['nfe']} | {r['steps_mean']:.0f} | {_fmt(r['iou'])} | "
                      f"{_fmt(r['iou_opacity_0.1'])} | {_fmt(r['view_error'])} | {_fmt(r['accuracy'])} | {_fmt(r['fd'])} | {_fmt(r['janus'])} |")
-    lines += ["", "## Paired differences against SDS (same class and seed)", "",
+    lines += ["", "## Paired differences against the baseline (same class and seed)", "",
               "| difference | pairs | mean | std | beyond the spread |", "|---|---|---|---|---|"]
     for k, c in res["comparisons"].items():
         std = "n/a" if c["std"] is None else f"{c['std']:.3f}"
@@ -66,6 +66,7 @@ def turntables(res, out_dir, fig_dir, name, seed=0):
     import matplotlib.pyplot as plt
     import numpy as np
     paths = []
+    Path(fig_dir).mkdir(parents=True, exist_ok=True)
     folder = Path(out_dir) / f"{name}_fields"
     for cls in res["config"]["classes"]:
         rows = [("truth", true_views(cls, heldout_cameras(), res["config"]["resolution"]).numpy())]
@@ -83,7 +84,7 @@ def turntables(res, out_dir, fig_dir, name, seed=0):
         fig.suptitle(f"{cls}: azimuth -180 .. 150 (step 30), elevation 20", fontsize=9)
         fig.tight_layout()
         fig.subplots_adjust(left=0.17)
-        path = Path(fig_dir) / f"text_to_3d_{cls}.png"
+        path = Path(fig_dir) / f"{name}_{cls}.png"
         fig.savefig(path, dpi=80)
         plt.close(fig)
         paths.append(str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path))
@@ -103,7 +104,11 @@ def main(argv=None):
     p.add_argument("--classes", default=None, help="comma-separated classes (overrides the mode's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (overrides the mode's)")
     p.add_argument("--budget", type=int, default=None, help="model calls per view per field (overrides)")
+    p.add_argument("--name", default="text_to_3d",
+                   help="results <name>.json / .md, figures <name>_<class>.png, run folder outputs/<name>[_mode]")
     args = p.parse_args(argv)
+    if not args.name.isidentifier():
+        raise SystemExit(f"--name must be a plain identifier (letters, digits, _), got {args.name!r}")
     if args.quick:
         cfg, label = study.quick_config(), "quick"
     elif args.reduced:
@@ -116,17 +121,17 @@ def main(argv=None):
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if args.budget:
         cfg = replace(cfg, budget=args.budget)
-    out = Path(args.out or ROOT / "outputs" / ("text_to_3d" + ("" if label == "full" else f"_{label}")))
+    out = Path(args.out or ROOT / "outputs" / (args.name + ("" if label == "full" else f"_{label}")))
     t0 = time.perf_counter()
-    res = study.run_study(cfg, out, progress=args.progress)
+    res = study.run_study(cfg, out, progress=args.progress, name=args.name)
     res["label"], res["wall_seconds_this_call"] = label, time.perf_counter() - t0
     res["wall_seconds_all_fields"] = sum(r["seconds"] for r in res["runs"].values())
     if not args.no_figures and res["runs"]:
-        res["figures"] = turntables(res, out, args.figures, "text_to_3d")
+        res["figures"] = turntables(res, out, args.figures, args.name)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    write_json(results / "text_to_3d.json", res)
-    (results / "text_to_3d.md").write_text(markdown(json.loads(json.dumps(res))))
+    write_json(results / f"{args.name}.json", res)
+    (results / f"{args.name}.md").write_text(markdown(json.loads(json.dumps(res))))
     return res
 
 
