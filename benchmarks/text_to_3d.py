@@ -45,6 +45,12 @@ def markdown(res):
         r = pc[f"w{w:g}"]
         lines.append(f"| {w:g} | {r['accuracy']:.3f} | {r['fd']:.4f} | {r['fd_floor']:.4f} | "
                      f"{r['fd_wrong_class']:.4f} | {r['passes']} |")
+    scales = [f"w{w:g}" for w in cfg["check_scales"]]
+    lines += ["", "| class | " + " | ".join(f"DDIM {w}: accuracy / FD" for w in scales)
+              + " | FD floor (held-out real) | FD wrong class |", "|---|" + "---|" * (len(scales) + 2)]
+    for cls, r in pc["classes"].items():
+        lines.append(f"| {cls} | " + " | ".join(f"{r[w]['accuracy']:.2f} / {r[w]['fd']:.1f}" for w in scales)
+                     + f" | {r['fd_floor']:.1f} | {r['fd_wrong_class']:.1f} |")
     lines += ["", "## Fields (mean ± std over classes and seeds)", "",
               "| method | fields | calls / view | steps | IoU | IoU (opacity 0.1) | view error | accuracy | FD | Janus |",
               "|---|---|---|---|---|---|---|---|---|---|"]
