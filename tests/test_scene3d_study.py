@@ -162,3 +162,20 @@ def test_quick_study_reuses_and_resumes(quick, tmp_path):
     done = study.run_study(sub, tmp_path, progress=False)
     assert done["computed_this_call"] == 2
     assert {k: _strip(v) for k, v in done["runs"].items()} == {k: _strip(first["runs"][k]) for k in done["runs"]}
+
+
+@pytest.mark.parametrize("section, name", [("## Results: the full run (budget 400)", "text_to_3d")])
+def test_docs_tables_are_the_committed_json(section, name):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from conftest import markdown_table
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("text_to_3d", root / "benchmarks" / "text_to_3d.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text())
+    generated = bench.markdown(res)
+    docs = (root / "docs" / "text-to-3d.md").read_text()
+    assert markdown_table(docs, section, "method") == markdown_table(generated, "## Fields", "method")
