@@ -3,11 +3,12 @@ field per class through DistillationGuidance at equal model calls, scored agains
 prior check. Writes benchmarks/results/text_to_3d.json (+ .md) and docs/figures/text_to_3d_<class>.png
 (turntable strips: the 12 held-out views of each method's seed-0 field, the truth on top).
 
-    python benchmarks/text_to_3d.py --reduced     # the committed reduced run (see REDUCED_RUN)
-    python benchmarks/text_to_3d.py               # the full run: full recipe, every class, budget 400
+    python benchmarks/text_to_3d.py               # the committed full run: full recipe, every class, budget 400
+    python benchmarks/text_to_3d.py --budget 1000 --name text_to_3d_long   # the committed longer run
+    python benchmarks/text_to_3d.py --reduced     # a smaller prior and budget (REDUCED_RUN), for a busy machine
     python benchmarks/text_to_3d.py --quick       # plumbing check (quick models)
 
-The run folder (resumable: a second call reuses every finished field) is outputs/text_to_3d[_reduced].
+The run folder (resumable: a second call reuses every finished field) is outputs/<name>[_reduced|_quick].
 """
 import argparse
 import json
@@ -25,6 +26,7 @@ from diffsolve_studies.scene3d.evaluate import heldout_cameras, true_views  # no
 from diffsolve_studies.scene3d.world import CLASSES  # noqa: E402
 
 # sized for a shared two-core machine (load ~15) in under an hour: the reduced recipe, 2 classes, 2 seeds
+# (the first committed run used it, on the white-background world; the full run has replaced it)
 REDUCED_RUN = dict(training="reduced", classes=("tower", "mushroom"), seeds=(0, 1), budget=160, views=2,
                    resolution=16, lr=0.3, msd_steps=4, sdi_inversion=2, check_per_class=24, check_steps=16)
 
@@ -100,7 +102,7 @@ def turntables(res, out_dir, fig_dir, name, seed=0):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--reduced", action="store_true", help="the committed reduced run (REDUCED_RUN)")
+    mode.add_argument("--reduced", action="store_true", help="a smaller prior and budget (REDUCED_RUN)")
     mode.add_argument("--quick", action="store_true", help="quick models, tiny budget")
     p.add_argument("--out", default=None, help="run folder (default outputs/text_to_3d[_reduced|_quick])")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
