@@ -164,7 +164,8 @@ def test_quick_study_reuses_and_resumes(quick, tmp_path):
     assert {k: _strip(v) for k, v in done["runs"].items()} == {k: _strip(first["runs"][k]) for k in done["runs"]}
 
 
-@pytest.mark.parametrize("section, name", [("## Results: the full run (budget 400)", "text_to_3d")])
+@pytest.mark.parametrize("section, name", [("## Results: the full run (budget 400)", "text_to_3d"),
+                                           ("## Results: the longer run (budget 1000)", "text_to_3d_long")])
 def test_docs_tables_are_the_committed_json(section, name):
     import importlib.util
     import json
