@@ -22,13 +22,25 @@ sys.path.insert(0, str(ROOT))
 
 from diffsolve._io import write_json  # noqa: E402
 from diffsolve_studies.scene3d import study  # noqa: E402
+from diffsolve_studies.scene3d.distill import METHODS  # noqa: E402
 from diffsolve_studies.scene3d.evaluate import heldout_cameras, true_views  # noqa: E402
-from diffsolve_studies.scene3d.world import CLASSES  # noqa: E402
 
 # sized for a shared two-core machine (load ~15) in under an hour: the reduced recipe, 2 classes, 2 seeds
 # (the first committed run used it, on the white-background world; the full run has replaced it)
 REDUCED_RUN = dict(training="reduced", classes=("tower", "mushroom"), seeds=(0, 1), budget=160, views=2,
                    resolution=16, lr=0.3, msd_steps=4, sdi_inversion=2, check_per_class=24, check_steps=16)
+
+
+def with_variants(cfg, variants):
+    """`cfg` running exactly `variants`: distiller names, "msd+paper" (with "msd"), "<method>+autoguidance"."""
+    plain = tuple(v for v in variants if v in METHODS)
+    auto = tuple(v[:-len("+autoguidance")] for v in variants if v.endswith("+autoguidance"))
+    known = set(METHODS) | {"msd+paper"} | {f"{m}+autoguidance" for m in METHODS}
+    unknown = [v for v in variants if v not in known]
+    if unknown or not plain or ("msd+paper" in variants and "msd" not in plain):
+        raise SystemExit(f"--methods needs at least one distiller (and msd with msd+paper); unknown: {unknown}; "
+                         f"known: {sorted(known)}")
+    return replace(cfg, methods=plain, msd_paper="msd+paper" in variants, autoguidance=auto)
 
 
 def _fmt(s):
@@ -39,7 +51,8 @@ def markdown(res):
     cfg = res["config"]
     lines = [f"# text_to_3d ({res.get('label', '')})", "",
              f"training `{cfg['training']}`, classes {', '.join(cfg['classes'])}, seeds {list(cfg['seeds'])}, "
-             f"budget {cfg['budget']} model calls per view ({cfg['views']} views a step), field {cfg['resolution']}^3, "
+             f"budget {cfg['budget']} " + ("optimisation steps" if cfg.get("equal") == "steps" else "model calls per view")
+             + f" ({cfg['views']} views a step), field {cfg['resolution']}^3, "
              f"CFG w = {cfg['scale']:g}.", "", "## Prior check (DDIM renders at the held-out cameras)", "",
              "| w | accuracy | FD | FD floor (held-out real) | FD wrong class | passes |", "|---|---|---|---|---|---|"]
     pc = res["prior_check"]
@@ -112,6 +125,10 @@ def main(argv=None):
     p.add_argument("--classes", default=None, help="comma-separated classes (overrides the mode's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds 0 .. N-1 (overrides the mode's)")
     p.add_argument("--budget", type=int, default=None, help="model calls per view per field (overrides)")
+    p.add_argument("--equal-steps", action="store_true",
+                   help="the budget counts optimisation steps: every method takes exactly that many")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated variants to run (overrides): distillers, msd+paper, <method>+autoguidance")
     p.add_argument("--name", default="text_to_3d",
                    help="results <name>.json / .md, figures <name>_<class>.png, run folder outputs/<name>[_mode]")
     args = p.parse_args(argv)
@@ -129,6 +146,10 @@ def main(argv=None):
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if args.budget:
         cfg = replace(cfg, budget=args.budget)
+    if args.equal_steps:
+        cfg = replace(cfg, equal="steps")
+    if args.methods:
+        cfg = with_variants(cfg, args.methods.split(","))
     out = Path(args.out or ROOT / "outputs" / (args.name + ("" if label == "full" else f"_{label}")))
     t0 = time.perf_counter()
     res = study.run_study(cfg, out, progress=args.progress, name=args.name)

@@ -180,3 +180,13 @@ def test_docs_tables_are_the_committed_json(section, name):
     generated = bench.markdown(res)
     docs = (root / "docs" / "text-to-3d.md").read_text()
     assert markdown_table(docs, section, "method") == markdown_table(generated, "## Fields", "method")
+
+
+def test_equal_steps_gives_every_method_the_same_steps(tmp_path):
+    cfg = replace(study.quick_config(), equal="steps", budget=3, methods=("sds", "msd", "sdi"), msd_paper=False,
+                  autoguidance=())
+    runs = study.run_study(cfg, tmp_path, progress=False)["runs"]
+    assert {r["run"]["method"]: r["steps"] for r in runs.values()} == {"sds": 3, "msd": 3, "sdi": 3}
+    assert runs["msd/tower/w3/none/seed0"]["nfe"] > runs["sds/tower/w3/none/seed0"]["nfe"] == 6  # calls differ
+    with pytest.raises(ValueError, match="equal must be one of"):
+        replace(cfg, equal="time")

@@ -11,7 +11,8 @@ distiller's `nfe` (a CFG evaluation counts 2, every inversion / chain step count
 step while its count plus the cost of its last step stays within the budget (the first step always), so no
 method exceeds the budget, each ends within one step's cost of it, and cheap methods take more steps. Every schedule (MSD's bandwidth,
 SDI's annealed t, the guidance's `update_step`) follows the fraction of the budget spent: the guidance is
-told global step f * SCHEDULE_STEPS, f = nfe / budget. The guidance scale is w in the paper's convention
+told global step f * SCHEDULE_STEPS, f = nfe / budget. Equal steps (`equal="steps"`, the paper's protocol):
+the budget counts optimisation steps instead, every method takes exactly that many, f = step / budget. The guidance scale is w in the paper's convention
 c + w (c - u) for every method (s = 1 + w for the methods that threestudio writes as u + s (c - u)).
 """
 import math
@@ -25,12 +26,13 @@ from .model import NULL_CLASS
 from .render import VoxelField, random_cameras
 from .world import CLASSES
 
-__all__ = ["GUIDES", "HEURISTICS", "METHODS", "SCHEDULE_STEPS", "FieldRun", "guidance_for", "optimise_field"]
+__all__ = ["EQUAL", "GUIDES", "HEURISTICS", "METHODS", "SCHEDULE_STEPS", "FieldRun", "guidance_for", "optimise_field"]
 
 METHODS = tuple(DISTILLERS)  # sds, msd, vsd, sdi, sdi_official, ism, csd, nfsd, sjc
 HEURISTICS = ("none", "paper")  # "paper": §4.3, CFG (and MSD's kernel) only in `interval`, MSD centred on inversion
 GUIDES = ("cfg", "autoguidance")  # the unconditional: the null class, or the weak prior with the class (Karras 2024)
 SCHEDULE_STEPS = 1000  # the guidance's trainer_max_steps: its schedules run over this many budget positions
+EQUAL = ("calls", "steps")  # what a field's budget counts: model calls per view, or optimisation steps
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,11 @@ def optimise_field(run, prior, cfg, progress=None, weak=None):
     cams_gen = torch.Generator().manual_seed(10_000 + run.seed)
     prompt = PixelConditions(CLASSES.index(run.cls), NULL_CLASS)
     d, key, step, cost = guidance.distiller, LOSS_KEYS[run.method], 0, 0.0
-    while d.nfe == 0 or d.nfe + cost <= cfg.budget:
+    by_steps = cfg.equal == "steps"
+    while (step < cfg.budget) if by_steps else (d.nfe == 0 or d.nfe + cost <= cfg.budget):
         used = d.nfe
-        guidance.update_step(0, min(int(used / cfg.budget * SCHEDULE_STEPS), SCHEDULE_STEPS - 1))
+        spent = step if by_steps else used
+        guidance.update_step(0, min(int(spent / cfg.budget * SCHEDULE_STEPS), SCHEDULE_STEPS - 1))
         cams = random_cameras(cfg.views, generator=cams_gen, elevation=tuple(cfg.elevation))
         if trainer is not None:
             trainer.net.cond = {"class_labels": prompt.class_labels.expand(cfg.views),

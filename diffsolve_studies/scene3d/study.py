@@ -26,7 +26,7 @@ from .._parts import load_run, save_run
 from ..digits.evaluate import frechet_distance
 from . import run as recipes
 from .data import render_set
-from .distill import METHODS, FieldRun, optimise_field
+from .distill import EQUAL, METHODS, FieldRun, optimise_field
 from .geometry import shape_iou
 from .evaluate import HELDOUT_AZIMUTHS, field_metrics, heldout_cameras, real_features
 from .model import NULL_CLASS
@@ -47,7 +47,8 @@ class Text3DConfig:
     scale: float = 3.0              # CFG w, paper convention c + w (c - u) (1 + w for u + s (c - u) methods)
     msd_paper: bool = True          # also MSD with the paper's §4.3 heuristics (interval CFG / kernel, inversion)
     autoguidance: tuple = ("sds", "msd")  # these methods also run with autoguidance (the weak prior as guide)
-    budget: int = 400               # model calls per view per field (CFG counts 2)
+    budget: int = 400               # model calls per view per field (CFG counts 2), or steps (equal="steps")
+    equal: str = "calls"            # distill.EQUAL: equal model calls (the rule) or equal optimisation steps
     views: int = 4                  # views rendered per step
     resolution: int = 32            # the field's voxel grid (the truth's IoU grid follows it)
     init_density: float = -2.0
@@ -65,6 +66,12 @@ class Text3DConfig:
     check_per_class: int = 24       # prior check: renders per class (2 per held-out azimuth)
     check_steps: int = 16           # prior check: DDIM steps
     check_scales: tuple = (0.0, 3.0)
+
+    def __post_init__(self):
+        if self.equal not in EQUAL:
+            raise ValueError(f"equal must be one of {EQUAL}, got {self.equal!r}")
+        if int(self.budget) != self.budget or self.budget < 1:
+            raise ValueError(f"budget must be a positive integer, got {self.budget!r}")
 
 
 def quick_config():
