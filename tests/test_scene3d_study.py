@@ -165,7 +165,8 @@ def test_quick_study_reuses_and_resumes(quick, tmp_path):
 
 
 @pytest.mark.parametrize("section, name", [("## Results: the full run (budget 400)", "text_to_3d"),
-                                           ("## Results: the longer run (budget 1000)", "text_to_3d_long")])
+                                           ("## Results: the longer run (budget 1000)", "text_to_3d_long"),
+                                           ("## Results: equal optimisation steps", "text_to_3d_steps")])
 def test_docs_tables_are_the_committed_json(section, name):
     import importlib.util
     import json
