@@ -5,6 +5,7 @@ prior check. Writes benchmarks/results/text_to_3d.json (+ .md) and docs/figures/
 
     python benchmarks/text_to_3d.py               # the committed full run: full recipe, every class, budget 400
     python benchmarks/text_to_3d.py --budget 1000 --name text_to_3d_long   # the committed longer run
+    python benchmarks/text_to_3d.py --equal-steps --budget 500 --methods sds,msd --name text_to_3d_steps
     python benchmarks/text_to_3d.py --reduced     # a smaller prior and budget (REDUCED_RUN), for a busy machine
     python benchmarks/text_to_3d.py --quick       # plumbing check (quick models)
 
