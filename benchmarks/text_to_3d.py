@@ -12,7 +12,6 @@ prior check. Writes benchmarks/results/text_to_3d.json (+ .md) and docs/figures/
 The run folder (resumable: a second call reuses every finished field) is outputs/<name>[_reduced|_quick].
 """
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffsolve._io import write_json  # noqa: E402
+from diffsolve_studies._parts import jsonable, slug  # noqa: E402
 from diffsolve_studies.scene3d import study  # noqa: E402
 from diffsolve_studies.scene3d.distill import METHODS  # noqa: E402
 from diffsolve_studies.scene3d.evaluate import heldout_cameras, true_views  # noqa: E402
@@ -96,7 +96,7 @@ def turntables(res, out_dir, fig_dir, name, seed=0):
             r = rec["run"]
             if r["cls"] == cls and r["seed"] == seed:
                 label = study.variant(r)
-                rows.append((f"{label}  IoU {rec['final']['iou']:.2f}", np.load(folder / f"{study._slug(key)}.npy")))
+                rows.append((f"{label}  IoU {rec['final']['iou']:.2f}", np.load(folder / f"{slug(key)}.npy")))
         fig, axes = plt.subplots(len(rows), 1, figsize=(12, 1.1 * len(rows)))
         for ax, (label, views) in zip(np.atleast_1d(axes), rows):
             strip = np.concatenate(list(np.clip(views.astype(np.float32), 0, 1).transpose(0, 2, 3, 1)), axis=1)
@@ -161,7 +161,7 @@ def main(argv=None):
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     write_json(results / f"{args.name}.json", res)
-    (results / f"{args.name}.md").write_text(markdown(json.loads(json.dumps(res))))
+    (results / f"{args.name}.md").write_text(markdown(jsonable(res)))
     return res
 
 

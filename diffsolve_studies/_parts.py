@@ -2,6 +2,7 @@
 with its record as `<rel>.json` beside it, both checksummed; the results JSON is derived from them."""
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -10,10 +11,20 @@ import numpy as np
 from diffsolve.runs import RunWarning
 
 
+def slug(key):
+    """A run key as a file name: every run of characters other than letters, digits and "." becomes "_"."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", key)
+
+
+def jsonable(obj):
+    """`obj` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(obj))
+
+
 def save_run(folder, rel, key, record, array):
     """Write the run's array and then its record ({"key": key, **record})."""
     folder.write_with(f"{rel}.npy", lambda f: np.save(f, array))
-    folder.write_json(f"{rel}.json", {"key": key, **json.loads(json.dumps(record))})
+    folder.write_json(f"{rel}.json", {"key": key, **jsonable(record)})
 
 
 def load_run(folder, rel, key, shape):
@@ -33,6 +44,16 @@ def load_run(folder, rel, key, shape):
         folder.reject(f"{rel}.json", f"is the record of {record.get('key')!r}, not {key!r}")
         return None
     return {k: v for k, v in record.items() if k != "key"}
+
+
+def load_runs(folder, rel_dir, runs, shape):
+    """{key: record} of the `runs` (each with a `.key`) whose parts `<rel_dir>/<slug(key)>` verify (load_run)."""
+    records = {}
+    for r in runs:
+        record = load_run(folder, f"{rel_dir}/{slug(r.key)}", r.key, shape)
+        if record is not None:
+            records[r.key] = record
+    return records
 
 
 def previous_config(json_path, *keys):

@@ -110,7 +110,7 @@ def grid_figure(results, image_dir, path, per_class=4):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .run import _slug
+    from .._parts import slug
     cfg, runs = results["config"], results["runs"]
 
     def shown(r):
@@ -127,7 +127,7 @@ def grid_figure(results, image_dir, path, per_class=4):
         ax.axis("off")
     for i, keys in enumerate(rows):
         for ax, key in zip(axes[i], keys):
-            x = np.load(Path(image_dir) / f"{_slug(key)}.npy").astype(np.float32).reshape(10, ppc, 8, 8)[:, :k_show]
+            x = np.load(Path(image_dir) / f"{slug(key)}.npy").astype(np.float32).reshape(10, ppc, 8, 8)[:, :k_show]
             ax.imshow(np.clip(x.transpose(0, 2, 1, 3).reshape(80, 8 * k_show), -1, 1), cmap="gray_r", vmin=-1, vmax=1)
             ax.set_title(key.replace("/cfg", "").replace("/interval+inverted", "\n+heuristics").replace("/loglinear", "")
                          .replace("/none", "").replace("/pixels", "\npixels").replace("/mlp", "\nMLP"), fontsize=7)

@@ -9,8 +9,6 @@ Layout: <name>.run.json and <name>.manifest.jsonl (options, checksums), <name>_i
 images) with <run>.json (the run's record) beside it, <name>_images/_testbed.json, and the derived
 <name>.json / <name>.md, rebuilt on every call from the parts that verify.
 """
-import json
-import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,7 +19,7 @@ from tqdm.auto import tqdm
 
 from diffsolve._io import write_json
 from diffsolve.runs import ArgumentParser, RunError, RunFolder, at_least, check_writable, environment
-from .._parts import load_run, note_damaged, previous_config, save_run
+from .._parts import jsonable, load_runs, note_damaged, previous_config, save_run, slug
 from . import study, train
 from .data import dequantize, load_digits_split
 from .evaluate import nll_bpp
@@ -75,28 +73,17 @@ def testbed_checks(models, ref, cfg):
             "uniform_nll_bpp": float(np.log2(17))}
 
 
-def _slug(key):
-    return re.sub(r"[^A-Za-z0-9.]+", "_", key)
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj))
-
-
 def open_folder(out_dir, cfg, training, name="digits"):
     """The (unopened) RunFolder of study `name`; a <name>.json left by an older version must agree."""
-    config = {**_jsonable(asdict(cfg)), "training": _jsonable(training), **environment()}
+    config = {**jsonable(asdict(cfg)), "training": jsonable(training), **environment()}
     return RunFolder(out_dir, name, config, previous=previous_config(Path(out_dir) / f"{name}.json", "training"))
 
 
 def collect(folder, name, cfg, training):
     """The results dict (as <name>.json holds it) from the parts of `folder` that verify."""
-    results = {"name": name, "config": _jsonable(asdict(cfg)), "training": _jsonable(training), "runs": {}}
     n = len(study.labels_for(cfg))
-    for r in study.plan(cfg, ablations=True):
-        record = load_run(folder, f"{name}_images/{_slug(r.key)}", r.key, (n, 64))
-        if record is not None:
-            results["runs"][r.key] = record
+    results = {"name": name, "config": jsonable(asdict(cfg)), "training": jsonable(training),
+               "runs": load_runs(folder, f"{name}_images", study.plan(cfg, ablations=True), (n, 64))}
     testbed = folder.read_json(f"{name}_images/_testbed.json")
     if testbed is not None:
         results["testbed"] = testbed
@@ -137,7 +124,7 @@ def run_study(cfg, training, out_dir, cache_dir=None, progress=True, json_name="
         if torch.isfinite(x).all():
             record["final"]["nll_bpp"] = study.likelihood(x, labels, models, cfg)
         record["seconds"] = time.perf_counter() - start
-        save_run(folder, f"{img_dir}/{_slug(r.key)}", r.key, record, x.numpy().astype(np.float16))
+        save_run(folder, f"{img_dir}/{slug(r.key)}", r.key, record, x.numpy().astype(np.float16))
         results["runs"][r.key] = record
         write_json(json_path, results)
     results["study_seconds_this_call"] = time.perf_counter() - t0

@@ -9,7 +9,6 @@ Resumable through `diffsolve.runs.RunFolder` as the digits runner is: each field
 that verify on every call. `stop_after=k` ends a call after k new fields (an interruption, for the tests).
 """
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from diffsolve.runs import RunFolder, environment
 from diffsolve.schedules import sigmas_karras
 from diffsolve.solvers import sample_ddim
 from diffsolve.transforms import cfg as cfg_transform
-from .._parts import load_run, save_run
+from .._parts import jsonable, load_runs, save_run, slug
 from ..digits.evaluate import frechet_distance
 from . import run as recipes
 from .data import render_set
@@ -93,10 +92,6 @@ def plan(cfg):
     return runs
 
 
-def _slug(key):
-    return re.sub(r"[^A-Za-z0-9.]+", "_", key)
-
-
 @torch.no_grad()
 def prior_check(data, models, cfg):
     """DDIM renders of the prior at the held-out cameras, per class and guidance scale: the classifier's
@@ -143,22 +138,14 @@ def prior_check(data, models, cfg):
 
 
 def open_folder(out_dir, cfg, name):
-    return RunFolder(out_dir, name, {**_jsonable(asdict(cfg)), "recipe": _jsonable(recipes.recipe(cfg.training)),
+    return RunFolder(out_dir, name, {**jsonable(asdict(cfg)), "recipe": jsonable(recipes.recipe(cfg.training)),
                                      **environment()})
-
-
-def _jsonable(obj):
-    import json
-    return json.loads(json.dumps(obj))
 
 
 def collect(folder, name, cfg):
     """The results (as <name>.json holds them) from the parts of `folder` that verify."""
-    results = {"name": name, "config": _jsonable(asdict(cfg)), "runs": {}}
-    for r in plan(cfg):
-        record = load_run(folder, f"{name}_fields/{_slug(r.key)}", r.key, (len(HELDOUT_AZIMUTHS), 3, 32, 32))
-        if record is not None:
-            results["runs"][r.key] = record
+    results = {"name": name, "config": jsonable(asdict(cfg)),
+               "runs": load_runs(folder, f"{name}_fields", plan(cfg), (len(HELDOUT_AZIMUTHS), 3, 32, 32))}
     check = folder.read_json(f"{name}_fields/_prior_check.json")
     if check is not None:
         results["prior_check"] = check
@@ -194,7 +181,7 @@ def run_study(cfg, out_dir, cache_dir=None, progress=True, name="text_to_3d", st
             metrics["iou_opacity_0.1"] = shape_iou(density, r.cls, opacity=0.1)  # semi-transparent fields too
         views = metrics.pop("views")
         record = {"run": asdict(r), **record, "final": metrics, "seconds": time.perf_counter() - start}
-        save_run(folder, f"{name}_fields/{_slug(r.key)}", r.key, record, views.numpy().astype(np.float16))
+        save_run(folder, f"{name}_fields/{slug(r.key)}", r.key, record, views.numpy().astype(np.float16))
         results["runs"][r.key] = record
         done += 1
         results["summary"] = summarise(results, cfg)
