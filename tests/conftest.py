@@ -1,6 +1,22 @@
 """Shared test helpers. Plain functions (import them with `from conftest import ...`); the diffusers stack is
 imported inside them so that the core tests run without it."""
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name):
+    """benchmarks/<name>.py as a module (benchmarks/ on sys.path, for the scripts' `_common`)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def markdown_table(text, section, first_cell=None):

@@ -1,13 +1,12 @@
 """benchmarks/digits_guidance.py: the quick mode on tiny digits models (every planned run present, equal model calls
 for every guidance method), its CFG rows are the study's own runs, CFG++ is refused where it does not apply, and
 docs/digits.md's "Guidance methods" tables are the committed JSON, cell by cell."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import markdown_table
+from conftest import load_benchmark, markdown_table
 
 from diffsolve_studies.digits import study
 from diffsolve_studies.digits.run import load_testbed
@@ -17,16 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "results" / "digits_guidance.json"
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("digits_guidance", ROOT / "benchmarks" / "digits_guidance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    bench = _benchmark()
+    bench = load_benchmark("digits_guidance")
     root = tmp_path_factory.mktemp("guidance")
     results = bench.main(["--quick", "--out", str(root / "g.json"), "--cache", str(root / "cache")])
     return bench, results, root
@@ -75,7 +69,7 @@ def test_cfg_rows_are_the_studys_own_runs(quick):
 
 
 def test_cfg_pp_does_not_apply_to_sds():
-    bench = _benchmark()
+    bench = load_benchmark("digits_guidance")
     with pytest.raises(ValueError, match="SDS does not renoise"):
         bench.transform("cfg_pp", 0.4, {"main": torch.nn.Identity()}, sampler="sds")
     with pytest.raises(ValueError, match="method must be one of"):
@@ -99,7 +93,7 @@ def _section_tables(text, section="## Guidance methods"):
 
 def test_docs_tables_are_the_committed_json():
     results = json.loads(COMMITTED.read_text())
-    bench = _benchmark()
+    bench = load_benchmark("digits_guidance")
     got = _section_tables((ROOT / "docs" / "digits.md").read_text())
     want = [bench.ddim_rows(results)] + [rows for rows in (bench.distill_rows(results, p) for p in ("pixels", "mlp"))
                                          if rows]

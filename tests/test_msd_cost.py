@@ -1,22 +1,17 @@
 """benchmarks/msd_cost.py: its quick run writes the JSON the docs read, and docs/msd-cost.md's measured part is
 the committed JSON (`msd_cost.py --markdown` prints it from benchmarks/results/msd_cost.json)."""
-import importlib.util
 import json
 import math
 from pathlib import Path
+from conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_BEGIN, DOC_END = "<!-- msd_cost:begin -->", "<!-- msd_cost:end -->"
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("msd_cost", ROOT / "benchmarks" / "msd_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-BENCH = _benchmark()
+BENCH = load_benchmark("msd_cost")
 ROW_KEYS = {"problem", "point", "lam", "estimator", "calls", "steps", "mean_error", "mean_se", "cov_error", "cov_floor"}
 BETWEEN_KEYS = {"energy_distance", "energy_distance_se", "mode_masses", "exact_mode_masses", "mode_mass_error",
                 "mean_error_from_mode_masses", "mean_error_within_modes"}

@@ -9,7 +9,6 @@ is bimodal (weights 0.52 / 0.45). Chains that are the same recursion as another 
 same samples instead. The paper's kernel chain fails the same check at the same step count (asserted: the check can
 fail), and so does a posterior chain with too little noise (eta = 0.5, drift 1.5: not the reverse SDE).
 """
-import importlib.util
 import math
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import diffsolve as ds
 from diffsolve.distill import MSD
 from diffsolve_studies.toy.datasets import three_component_mixture
+from conftest import load_benchmark
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,14 +30,9 @@ N = 10_000
 STEPS = {1: 128, 2: 64}  # by the solver's declared order (worst |z| 1.2-2.9 at these on this point)
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("msd_cost", ROOT / "benchmarks" / "msd_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-BENCH = _benchmark()
+BENCH = load_benchmark("msd_cost")
 MODEL = BENCH.MixtureDenoiser(GMM)
 POSTERIOR = {name: kw for name, kw in BENCH.estimators().items()
              if kw["sampler"] in ("posterior", BENCH.JVP_FIRST) and name not in BENCH.SAME_AS}

@@ -1,24 +1,16 @@
 """benchmarks/msd_learned.py and benchmarks/digits_msd.py: structure of their quick runs (tiny models), the
 equal-calls rule (every estimator's measured model calls per point equal the budget within one estimate's
 cost), and the doc sections' numbers against the committed JSON."""
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import markdown_table
+from conftest import load_benchmark, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _untrained_fractal(name, cache_dir=None, progress=True, iterations_scale=1.0, data_points=10_000):
@@ -35,7 +27,7 @@ def _untrained_fractal(name, cache_dir=None, progress=True, iterations_scale=1.0
 
 
 def test_2d_quick_runs_at_equal_calls(tmp_path, monkeypatch):
-    m = _load("msd_learned")
+    m = load_benchmark("msd_learned")
     monkeypatch.setitem(m.COLUMNS, "fractal", ("learned", "cfg"))  # one unguided and one guided (2 calls) column
     monkeypatch.setattr(m.study, "load_dataset", _untrained_fractal)
     monkeypatch.setitem(m.QUICK, "budget", 16)
@@ -60,7 +52,7 @@ def test_2d_quick_runs_at_equal_calls(tmp_path, monkeypatch):
 
 
 def test_digits_quick_runs_at_equal_calls(tmp_path, monkeypatch):
-    d = _load("digits_msd")
+    d = load_benchmark("digits_msd")
     monkeypatch.setattr(d, "PARAMS", ("pixels",))
     monkeypatch.setattr(d, "OFF_LAMBDAS", (2.0,))
     monkeypatch.setattr(d, "REF_SAMPLES", 4)
@@ -82,7 +74,7 @@ def test_digits_quick_runs_at_equal_calls(tmp_path, monkeypatch):
 
 
 def test_results_md_section_is_the_committed_json():
-    m = _load("msd_learned")
+    m = load_benchmark("msd_learned")
     data = json.loads((ROOT / "benchmarks" / "results" / "msd_learned.json").read_text())
     text, section = (ROOT / "docs" / "results.md").read_text(), "## MSD estimators on the learned models"
     assert markdown_table(text, section, "estimator")[1:] == m.markdown_rows(data)
@@ -90,7 +82,7 @@ def test_results_md_section_is_the_committed_json():
 
 
 def test_digits_md_section_is_the_committed_json():
-    d = _load("digits_msd")
+    d = load_benchmark("digits_msd")
     data = json.loads((ROOT / "benchmarks" / "results" / "digits_msd.json").read_text())
     text = (ROOT / "docs" / "digits.md").read_text()
     section = "## MSD estimators and adaptive bandwidth"

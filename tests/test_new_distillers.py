@@ -15,6 +15,7 @@ import torch
 from diffsolve.distill import CSD, DISTILLERS, ISM, NFSD, SJC, make_distiller
 from diffsolve.distill.sjc import TimestepGrid, sd_sigmas
 from diffsolve.transforms import cfg
+from conftest import load_benchmark
 
 torch.set_num_threads(1)
 N = 10_000
@@ -264,18 +265,6 @@ def test_tiny_unet_ism_by_hand_ddim(tiny):
 
 
 # ---------------------------------------------------------------- the studies' benchmark scripts (equal calls)
-def _toy_bench():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toy2d_distillers.py"
-    import sys
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("toy2d_distillers", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class _Float(torch.nn.Module):
     """A Gaussian toy model in float32 (the studies' points are float32)."""
 
@@ -292,7 +281,7 @@ def test_toy_benchmark_equal_calls_rule():
     floor(16 / measured cost); MSD's chain scaled from a probe); CSD / NFSD only where a guidance pair exists."""
     from dataclasses import replace
     from diffsolve_studies.toy import study
-    bench = _toy_bench()
+    bench = load_benchmark("toy2d_distillers")
     ds = {"name": "fractal", "data": torch.randn(200, 2), "models": {
         "main": _Float([0.5, 0.2], 0.3), "cfg_uncond": _Float([0.0, 0.0], 1.0), "autoguide": _Float([0.4, 0.1], 0.5)}}
     cfg_ = replace(study.StudyConfig(), grid=4, steps=3, ideal_steps=2)

@@ -1,24 +1,18 @@
 """The README's "Measured" overhead table is the committed benchmark JSON, cell by cell
 (`benchmarks/solver_overhead.py --markdown` prints it from benchmarks/results/solver_overhead.json)."""
-import importlib.util
 import json
 from pathlib import Path
 
-from conftest import markdown_table
+from conftest import load_benchmark, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("solver_overhead", ROOT / "benchmarks" / "solver_overhead.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_readme_table_is_the_committed_json():
     data = json.loads((ROOT / "benchmarks" / "results" / "solver_overhead.json").read_text())
-    expected = _benchmark().markdown_rows(data)
+    expected = load_benchmark("solver_overhead").markdown_rows(data)
     got = markdown_table((ROOT / "README.md").read_text(), "## Measured")
     assert len(got) == len(expected), f"README has {len(got)} rows, the JSON {len(expected)}"
     for i, (row, want) in enumerate(zip(got, expected)):
@@ -29,6 +23,6 @@ def test_every_measured_sampler_is_in_the_json():
     """Every sampler the benchmark would measure (registry names with a k-diffusion twin) has a row per MLP case."""
     data = json.loads((ROOT / "benchmarks" / "results" / "solver_overhead.json").read_text())
     rows = {(r["case"], r["solver"]) for r in data["results"]}
-    for name in _benchmark().twins():
+    for name in load_benchmark("solver_overhead").twins():
         for case in ("mlp_2d_batch16", "mlp_2d_batch10000"):
             assert (case, f"sample_{name}") in rows, f"{name} has no {case} row: rerun benchmarks/solver_overhead.py"

@@ -168,15 +168,12 @@ def test_quick_study_reuses_and_resumes(quick, tmp_path):
                                            ("## Results: the longer run (budget 1000)", "text_to_3d_long"),
                                            ("## Results: equal optimisation steps", "text_to_3d_steps")])
 def test_docs_tables_are_the_committed_json(section, name):
-    import importlib.util
     import json
     from pathlib import Path
 
-    from conftest import markdown_table
+    from conftest import load_benchmark, markdown_table
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("text_to_3d", root / "benchmarks" / "text_to_3d.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("text_to_3d")
     res = json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text())
     generated = bench.markdown(res)
     docs = (root / "docs" / "text-to-3d.md").read_text()

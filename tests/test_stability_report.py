@@ -3,7 +3,6 @@ k-diffusion sampler and the report's diffusers schedulers; docs/stability.md's g
 benchmarks/stability.py renders from it, and its table matches the JSON cell by cell (re-derived here); every planted
 bug is caught by its check; the kit's fast checks on every registered solver give the verdicts the JSON records
 (a solver registered later runs them too); slow: rerunning samplers reproduces their JSON entries."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ import diffsolve as ds
 from diffsolve.integrations.kdiffusion import load
 from diffsolve.testing import DEFAULT, check_sampler, from_solver
 from diffsolve.testing.suite import run_check
+from conftest import load_benchmark
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +23,6 @@ DOC = (ROOT / "docs/stability.md").read_text()
 FAST = ("exactness", "determinism", "global_rng", "batch_invariance", "nfe", "purity", "declared_noise")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("stability_script", ROOT / "benchmarks/stability.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_report_covers_every_sampler():
@@ -41,7 +36,7 @@ def test_report_covers_every_sampler():
 
 
 def test_docs_generated_sections_are_rendered_from_the_json():
-    assert _script().render(DATA, DOC) == DOC, "docs/stability.md is stale: run benchmarks/stability.py --render"
+    assert load_benchmark("stability").render(DATA, DOC) == DOC, "docs/stability.md is stale: run benchmarks/stability.py --render"
 
 
 def _doc_table():
@@ -135,7 +130,7 @@ def test_fast_checks_on_every_registered_solver_give_the_recorded_verdicts(name)
 @pytest.mark.parametrize("key", ["diffsolve/heun", "diffsolve/dpmpp_2m_sde", "k-diffusion/sample_dpm_adaptive",
                                  "diffusers/UniPCMultistepScheduler"])
 def test_rerun_reproduces_the_committed_entry(key):
-    make = _script().samplers({key})[key]
+    make = load_benchmark("stability").samplers({key})[key]
     fresh = check_sampler(make(), config=DEFAULT).to_dict()
     old = DATA["samplers"][key]
     assert fresh["failures"] == old["failures"]
