@@ -104,9 +104,8 @@ def guidance_for(run, prior, cfg, weak=None):
 def optimise_field(run, prior, cfg, progress=None, weak=None):
     """Optimise a VoxelField for `run` to the budget (`weak`: autoguidance's guide); returns (field, record)
     with the step count, the model calls per view (nfe) and the guidance's non-finite count."""
-    for net in (prior, weak):
-        for p in ([] if net is None else net.parameters()):
-            p.requires_grad_(False)
+    for net in [n for n in (prior, weak) if n is not None]:
+        net.requires_grad_(False)
     torch.manual_seed(run.seed)  # nothing should draw from the global generator; pinned regardless
     guidance, trainer = guidance_for(run, prior, cfg, weak)
     field = VoxelField(cfg.resolution, init_density=cfg.init_density)

@@ -80,26 +80,24 @@ def voxel_centres(resolution, dtype=torch.float32):
     return torch.stack([x, y, z], -1)
 
 
-def _supersampled(cls, resolution, supersample):
-    """(occupancy fraction [R, R, R], inside-mean colour [3, R, R, R]) from supersample^3 points per voxel."""
+def _voxel_sums(t, resolution, supersample):
+    """Sums over each voxel's supersample^3 points of t [R s, R s, R s, ...] -> [R, R, R, ...]."""
     r, s = resolution, supersample
-    pts = voxel_centres(r * s, torch.float64)
-    fine = occupancy(cls, pts).double()
-    rgb = colour(cls, pts)  # 0 outside
-    blocks = lambda t: t.reshape(r, s, r, s, r, s, *t.shape[3:]).sum((1, 3, 5))  # noqa: E731
-    count = blocks(fine)
-    mean_rgb = blocks(rgb) / count.clamp(min=1)[..., None]
-    return (count / s ** 3).float(), mean_rgb.permute(3, 0, 1, 2).float()
+    return t.reshape(r, s, r, s, r, s, *t.shape[3:]).sum((1, 3, 5))
 
 
 def occupancy_grid(cls, resolution=32, supersample=2):
     """Fraction of each voxel inside the shape ([R, R, R] in [0, 1]), from supersample^3 points per voxel."""
-    return _supersampled(cls, resolution, supersample)[0]
+    fine = occupancy(cls, voxel_centres(resolution * supersample, torch.float64)).double()
+    return (_voxel_sums(fine, resolution, supersample) / supersample ** 3).float()
 
 
 def field_of(cls, resolution=32, density=40.0, supersample=2):
     """The true shape as the renderer's field: (density [1, R, R, R] = density * occupancy fraction,
     colour [3, R, R, R] in [0, 1]: the mean colour of the voxel's inside points, so that a voxel the shape
     only partly fills has the shape's colour, not the empty space's)."""
-    occ, rgb = _supersampled(cls, resolution, supersample)
-    return density * occ[None], rgb
+    pts = voxel_centres(resolution * supersample, torch.float64)
+    count = _voxel_sums(occupancy(cls, pts).double(), resolution, supersample)
+    rgb = _voxel_sums(colour(cls, pts), resolution, supersample) / count.clamp(min=1)[..., None]  # colour is 0 outside
+    occ = (count / supersample ** 3).float()
+    return density * occ[None], rgb.permute(3, 0, 1, 2).float()
